@@ -1,0 +1,41 @@
+# tunelab: every target installs first when .venv is missing, so each is one command on a fresh clone.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU wheel by default (lies on disk on the project's machines). A CUDA user:
+#   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+
+.PHONY: install train test test-fast lint format ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+train: install
+	$(VENV)/bin/tunelab train $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format src tests $(wildcard benchmarks)
+
+ui: install
+	$(VENV)/bin/tunelab ui $(ARGS)
+
+clean:
+	rm -rf outputs multirun mlflow.db mlartifacts .pytest_cache

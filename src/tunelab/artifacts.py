@@ -1,0 +1,188 @@
+"""The final artifact: a Hugging Face directory plus the resolved config, a manifest and a card.
+
+It is written into a temporary sibling directory and renamed into place only when complete, so
+`model/` is either absent or whole. The manifest is written last and fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+CONFIG = "tunelab.yaml"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_LIBRARIES = ("tunelab", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
+              "datasets", "hydra-core", "omegaconf", "mlflow")  # fmt: skip
+
+
+def save_final(
+    out_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    resolved_config: str,
+    info: dict[str, Any],
+) -> Path:
+    """Write the artifact to `out_dir` atomically and return it. `info` goes into the manifest
+    (step, metrics, data digest, ...) and the model card."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)  # safetensors (transformers 5 writes nothing else)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CONFIG).write_text(resolved_config, encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+    refuse_pickles(tmp)
+    write_manifest(tmp, info)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def refuse_pickles(directory: Path) -> None:
+    """Fail if any file in `directory` is a pickle format, so none can reach an artifact."""
+    found = [p.name for p in Path(directory).rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if found:
+        raise RuntimeError(f"refusing to publish pickle files in {directory}: {', '.join(found)}")
+
+
+def write_manifest(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """sha256 and size of every file, plus `info` and the environment; written last, fsynced."""
+    directory = Path(directory)
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(directory).as_posix()] = {
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+        }
+        _fsync_file(path)
+    manifest = {
+        "format": "tunelab.manifest/1",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **info,
+        "files": files,
+        "versions": versions(),
+        "git": git_state(),
+    }
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str), encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, directory / MANIFEST)
+    _fsync_dir(directory)
+    return manifest
+
+
+def verify_manifest(directory: Path) -> list[str]:
+    """Problems with `directory` against its manifest (empty when every file matches)."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{directory / MANIFEST}: unreadable ({exc})"]
+    problems = []
+    for name, want in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
+            problems.append(f"{path}: contents do not match the manifest")
+    return problems
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a complete directory into place; an older `dst` is removed only after the move."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in _LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[lib] = metadata.version(lib)
+    return out
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """The commit and dirty flag of the checkout tunelab is run from, if it is one."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def model_card(info: dict[str, Any]) -> str:
+    metrics = info.get("metrics", {})
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
+    return f"""# {info.get("run_name", "tunelab run")}
+
+Fine-tuned with tunelab (Hugging Face Trainer, configured by Hydra, tracked in MLflow).
+
+- Base model: {info.get("base_model")}
+- Parameters: {info.get("parameters")}
+- Data: {info.get("data_source")} (sha256 {str(info.get("data_digest"))[:16]}...)
+- Steps: {info.get("step")}, epochs: {_fmt(info.get("epoch"))}
+- MLflow run: {info.get("mlflow_run_id")}
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```
+
+`tunelab.yaml` is the resolved config of the run; `manifest.json` lists the sha256 and size of
+every file, the library versions and the git commit.
+"""
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

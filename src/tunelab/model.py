@@ -1,0 +1,78 @@
+"""The model and its tokenizer: loaded from a directory (or hub id), or built from config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def load_tokenizer(cfg: Any, texts: list[str]) -> Any:
+    """The pretrained tokenizer of `cfg.name_or_path`, or a byte-level BPE trained on `texts`."""
+    if cfg.name_or_path:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+        )
+        if tok.pad_token is None:  # most causal LMs ship without one; padding is masked anyway
+            tok.pad_token = tok.eos_token
+        return tok
+    max_length = (cfg.arch or {}).get("n_positions")
+    return train_tokenizer(texts, cfg.tokenizer_vocab_size, max_length)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 0, max_length: int | None = None) -> Any:
+    """Byte-level BPE on `texts`. Every byte is in the alphabet, so no input is ever unknown;
+    vocab_size 0 keeps bytes only (no merges), which keeps digits separate for arithmetic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = list(SPECIALS.values())
+    tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size, len(alphabet) + len(specials)),
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    extra = {"model_max_length": max_length} if max_length else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, **extra)
+
+
+def load_model(cfg: Any, tokenizer: Any) -> Any:
+    """The pretrained model of `cfg.name_or_path`, or a fresh one from `cfg.arch`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+        )
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        arch = dict(cfg.arch)
+        config = AutoConfig.for_model(
+            arch.pop("model_type"),
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **arch,
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    gen = model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def parameter_count(model: Any) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

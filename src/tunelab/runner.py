@@ -1,0 +1,161 @@
+"""The story of one run: data -> model -> Trainer -> train -> artifact -> tracking."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab import artifacts, checkpoints, config, data, tracking
+from tunelab import model as models
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    artifact_dir: Path
+    metrics: dict[str, float]
+    run_id: str | None = None
+    ui_hint: str | None = None
+    objective: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        shown = {k: v for k, v in self.metrics.items() if k.startswith(("eval_", "train_loss"))}
+        lines = [
+            "tunelab: run finished",
+            f"  run id   : {self.run_id or '(tracking=none)'}",
+            f"  artifact : {self.artifact_dir}",
+            "  metrics  : " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
+        ]
+        if self.ui_hint:
+            lines.append(f"  MLflow UI: {self.ui_hint}")
+        return "\n".join(lines)
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult:
+    """Train one model as `cfg` says, write its artifact to `run_dir/model`, track it."""
+    config.check(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = config.run_name(overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    tracker = tracking.start(cfg, name, tracking.run_tags(run_dir, overrides))
+    with tracking.recording(tracker):
+        tracker.log_params(tracking.flatten(resolved))
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config/tunelab.yaml")
+        tracker.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
+
+        rows = data.load(cfg.data)
+        tokenizer = models.load_tokenizer(cfg.model, rows.texts())
+        train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length)
+        eval_set = data.tokenize(rows.eval, tokenizer, cfg.data.max_length) if rows.eval else None
+        log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
+
+        _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
+        model = models.load_model(cfg.model, tokenizer)
+        n_params, _ = models.parameter_count(model)
+        log.info("model: %.2fM parameters", n_params / 1e6)
+
+        trainer = _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker)
+        train_out = trainer.train()
+        metrics = dict(train_out.metrics)
+        if eval_set is not None:
+            metrics.update(trainer.evaluate())
+
+        info = {
+            "run_name": name,
+            "step": trainer.state.global_step,
+            "epoch": trainer.state.epoch,
+            "metrics": metrics,
+            "base_model": cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config",
+            "parameters": n_params,
+            "data_source": rows.source,
+            "data_digest": rows.digest,
+            "mlflow_run_id": tracker.run_id,
+            "overrides": list(overrides),
+        }
+        artifact = artifacts.save_final(
+            run_dir / "model", model, tokenizer, OmegaConf.to_yaml(resolved), info
+        )
+        tracker.log_artifacts(artifact, "model")
+        if (run_dir / ".hydra").is_dir():
+            tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+
+    return RunResult(
+        run_dir=run_dir,
+        artifact_dir=artifact,
+        metrics=metrics,
+        run_id=tracker.run_id,
+        ui_hint=tracker.ui_hint,
+        objective=metrics.get("eval_exact_match", metrics.get("eval_loss")),
+    )
+
+
+def _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker):  # type: ignore[no-untyped-def]
+    from transformers import Trainer
+
+    return Trainer(
+        model=model,
+        args=training_arguments(cfg, run_dir, has_eval=eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=data.collator(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=data.metrics_fn(rows.has_completions),
+        preprocess_logits_for_metrics=data.argmax_logits,
+        callbacks=[tracking.trainer_callback(tracker)],
+    )
+
+
+def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
+    """`training` and `checkpoint` mapped onto transformers.TrainingArguments."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device=cuda but no CUDA device is available; use auto or cpu")
+    cuda = t.device != "cpu" and torch.cuda.is_available()
+    bf16 = t.precision == "bf16" or (
+        t.precision == "auto" and cuda and torch.cuda.is_bf16_supported()
+    )
+    evaluate = has_eval and t.eval_every > 0
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_every if evaluate else None,
+        logging_steps=t.log_every,
+        bf16=bf16,
+        fp16=t.precision == "fp16",
+        use_cpu=not cuda,
+        dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=not t.progress_bar,
+        report_to="none",  # tracking is tunelab's own callback
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        **checkpoints.trainer_arguments(cfg.checkpoint),
+    )
+
+
+def _seed(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)

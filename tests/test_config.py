@@ -1,0 +1,145 @@
+"""The config composes, validates and names runs without touching torch, transformers or mlflow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import env, tunelab
+from tunelab import config
+
+
+def test_default_config_composes_and_validates():
+    cfg = config.compose()
+    assert config.validate(cfg) == []
+    assert cfg.model.arch.model_type == "gpt2"
+    assert cfg.data.type == "addition"
+    assert cfg.checkpoint.strategy == "steps"
+    assert cfg.tracking.backend == "mlflow"
+    assert cfg.resume == "auto"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=addition_small"],
+        ["checkpoint=epoch"],
+        ["checkpoint=none"],
+        ["checkpoint=best", "checkpoint.metric=eval_exact_match"],
+        ["tracking=none"],
+        ["model=hf", "model.name_or_path=/some/dir"],
+        ["data=text_files", "data.train=train.jsonl"],
+    ],
+)
+def test_presets_compose_and_validate(overrides):
+    cfg = config.compose(overrides)
+    assert config.validate(cfg) == [], overrides
+
+
+def test_experiment_preset_overrides_only_what_differs():
+    cfg = config.compose(["experiment=addition_small"])
+    assert cfg.data.digits == 2 and cfg.tracking.experiment == "addition_small"
+    assert cfg.checkpoint.strategy == "none"
+    assert cfg.training.lr == config.compose().training.lr  # untouched keys keep the defaults
+
+
+def test_validation_reports_every_problem_with_key_and_allowed_values():
+    cfg = config.compose(["training.lr=-1", "checkpoint.keep=0", "tracking.log_checkpoints=some"])
+    problems = config.validate(cfg)
+    assert len(problems) == 3, problems
+    text = "\n".join(problems)
+    assert "training.lr" in text and "checkpoint.keep" in text
+    assert "tracking.log_checkpoints: 'some' is not one of none, last, best, all" in text
+
+
+def test_validation_names_unknown_keys_with_a_suggestion():
+    cfg = config.compose()
+    OmegaConf.set_struct(cfg, False)
+    cfg.training.lrr = 1.0
+    (problem,) = config.validate(cfg)
+    assert problem.startswith("training.lrr: unknown key (did you mean training.lr?)")
+
+
+def test_validation_catches_impossible_combinations():
+    cfg = config.compose(["checkpoint=best", "checkpoint.metric=null", "data.eval_size=0"])
+    problems = config.validate(cfg)
+    assert any(p.startswith("checkpoint.metric: required") for p in problems)
+    assert any("needs an eval set" in p for p in problems)
+    assert config.validate(config.compose(["model=hf"])) == [
+        "model.name_or_path: required, set it on the command line (model.name_or_path=...)"
+    ]
+
+
+def test_run_name_is_stable_readable_and_safe():
+    a = config.run_name(["training.lr=1e-4", "seed=2"])
+    assert a == config.run_name(["seed=2", "training.lr=1e-4"]) == "seed-2+training.lr-1e-4"
+    assert config.run_name([]) == "default"
+    # Overrides that do not change what is trained do not change the directory.
+    assert config.run_name(["resume=never", "tracking.uri=x", "output.root=/y"]) == "default"
+    odd = config.run_name(["data.train=a/b,c.jsonl"])
+    assert "/" not in odd and "," not in odd and odd.startswith("data.train-a_b_c.jsonl-")
+    assert odd != config.run_name(["data.train=a_b,c.jsonl"])  # the hash keeps them apart
+    long = config.run_name([f"model.name_or_path={'x' * 300}"])
+    assert len(long) <= 130
+    # The name itself is a valid unquoted Hydra override value.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_override(f"model.name_or_path=/runs/{odd}/model")
+    assert parsed.value() == f"/runs/{odd}/model"
+
+
+def test_cli_config_paths_do_not_import_heavy_libraries(tmp_path):
+    probe = (
+        "import sys\n"
+        "from tunelab.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'datasets') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["train", "--cfg", "job"], ["train", "training.lr=-1"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            cwd=tmp_path,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "HEAVY []" in proc.stderr, (args, proc.stderr)
+
+
+def test_config_error_exits_2_and_creates_nothing(tmp_path):
+    proc = tunelab(
+        "train",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "training.lr=-1",
+        "checkpoint.every=0",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("tunelab: config error:")]
+    assert len(lines) == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_python_dash_m_and_console_script_agree(tmp_path):
+    out = tunelab("train", "--cfg", "job", "seed=7", cwd=tmp_path).stdout
+    script = Path(sys.executable).parent / "tunelab"
+    assert script.exists(), "the console script is installed beside the interpreter"
+    direct = subprocess.run(
+        [str(script), "train", "--cfg", "job", "seed=7"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+    )
+    assert direct.stdout == out and "seed: 7" in out

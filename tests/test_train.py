@@ -1,0 +1,208 @@
+"""End to end: real tiny runs through the CLI, a real sqlite MLflow store, real reloads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import TINY, env
+from tunelab import artifacts
+
+EXPECTED_FILES = {
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tunelab.yaml",
+    "manifest.json",
+    "README.md",
+}
+
+RELOAD = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path)
+ids = tok("12+34=", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+print("GENERATED", repr(tok.decode(out[0][ids["input_ids"].shape[1]:])))
+print("TUNELAB_IMPORTED", "tunelab" in sys.modules)
+"""
+
+
+def reload_and_generate(path: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(path)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TUNELAB_IMPORTED False" in proc.stdout
+    return proc.stdout
+
+
+def only_run(ws) -> object:
+    client = MlflowClient(tracking_uri=ws.uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "tunelab"]
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+def test_run_writes_a_complete_artifact(trained):
+    ws, run_dir, proc = trained
+    model_dir = run_dir / "model"
+    assert {p.name for p in model_dir.iterdir()} == EXPECTED_FILES
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert not list(run_dir.parent.glob(".*partial"))  # nothing half-written left beside it
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == EXPECTED_FILES - {"manifest.json"}
+    assert artifacts.verify_manifest(model_dir) == []
+    assert manifest["step"] == 8
+    assert manifest["metrics"]["eval_loss"] > 0 and "eval_exact_match" in manifest["metrics"]
+    assert {"torch", "transformers", "mlflow", "tunelab"} <= set(manifest["versions"])
+    assert len(manifest["data_digest"]) == 64
+    resolved = yaml.safe_load((model_dir / "tunelab.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 8 and resolved["model"]["arch"]["n_embd"] == 32
+    assert "run finished" in proc.stdout and str(model_dir) in proc.stdout
+
+
+def test_artifact_holds_no_pickle(trained):
+    _, run_dir, _ = trained
+    found = [p for p in (run_dir / "model").rglob("*") if p.suffix in artifacts.PICKLE_SUFFIXES]
+    assert found == []
+
+
+def test_artifact_reloads_with_plain_transformers_and_generates(trained):
+    _, run_dir, _ = trained
+    out = reload_and_generate(run_dir / "model")
+    assert "GENERATED" in out
+
+
+def test_manifest_detects_a_changed_file(trained, tmp_path):
+    _, run_dir, _ = trained
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir / "model", copy)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    (problem,) = artifacts.verify_manifest(copy)
+    assert "model.safetensors" in problem and "do not match" in problem
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_and_status(trained):
+    ws, run_dir, _ = trained
+    client, run = only_run(ws)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == run_dir.name
+    params = run.data.params
+    assert params["training.max_steps"] == "8"
+    assert params["model.arch.n_embd"] == "32"
+    assert params["checkpoint.strategy"] == "none"
+    assert params["tracking.uri"] == ws.uri
+    tags = run.data.tags
+    assert "training.max_steps=8" in tags["tunelab.overrides"]
+    assert tags["tunelab.run_dir"] == str(run_dir.resolve())
+
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [2, 4, 6, 8]
+    evals = client.get_metric_history(run.info.run_id, "eval_exact_match")
+    assert {m.step for m in evals} >= {4, 8}
+    assert client.get_metric_history(run.info.run_id, "learning_rate")
+    assert client.get_metric_history(run.info.run_id, "grad_norm")
+
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert logged == {f"model/{name}" for name in EXPECTED_FILES}
+    config_files = {f.path for f in client.list_artifacts(run.info.run_id, "config")}
+    assert {"config/tunelab.yaml", "config/overrides.yaml", "config/hydra"} <= config_files
+    local = Path(client.download_artifacts(run.info.run_id, "model", str(ws.root / "dl")))
+    assert artifacts.verify_manifest(local) == []
+
+
+def test_artifacts_live_beside_the_store(trained):
+    ws, _, _ = trained
+    _, run = only_run(ws)
+    assert run.info.artifact_uri.startswith((ws.root / "mlartifacts").as_uri())
+
+
+def test_long_param_values_are_truncated_not_dropped(workspace, tmp_path):
+    from tunelab.tracking import MAX_PARAM_VALUE, flatten
+
+    flat = flatten({"a": {"b": "x" * 10_000, "c": [1, 2]}})
+    assert len(flat["a.b"]) == MAX_PARAM_VALUE and flat["a.b"].endswith("...[truncated]")
+    assert flat["a.c"] == "[1, 2]"
+
+
+def test_failing_run_is_marked_failed(workspace):
+    # 32 embedding dims do not split over 3 heads: the model fails to build after tracking began.
+    proc = workspace.train("model.arch.n_head=3", "checkpoint=none", check=False)
+    assert proc.returncode != 0
+    client, run = only_run(workspace)
+    assert run.info.status == "FAILED"
+    assert "tunelab.error" in run.data.tags
+    assert not (workspace.run_dirs()[0] / "model").exists()
+
+
+def test_steps_checkpoints_keep_exactly_two_loadable(workspace):
+    workspace.train("checkpoint=steps", "checkpoint.every=2", "checkpoint.keep=2")
+    (run_dir,) = workspace.run_dirs()
+    ckpts = sorted((run_dir / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in ckpts] == ["checkpoint-6", "checkpoint-8"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for ckpt in ckpts:
+        assert AutoModelForCausalLM.from_pretrained(ckpt).config.n_embd == 32
+        assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<|endoftext|>"
+
+
+def test_tracking_none_trains_without_mlflow(workspace):
+    workspace.train("tracking=none", "checkpoint=none")
+    (run_dir,) = workspace.run_dirs()
+    assert (run_dir / "model" / "manifest.json").is_file()
+    assert not (workspace.root / "mlflow.db").exists()
+    assert not (workspace.root / "mlartifacts").exists()
+
+
+@pytest.mark.slow
+def test_finetune_a_local_model_on_jsonl_files(trained, workspace):
+    """model=hf from the first run's artifact directory, data=text_files from jsonl files."""
+    _, first_run, _ = trained
+    pairs = [(a, b) for a in range(12) for b in range(12)]
+    rows = [{"prompt": f"{a:02d}+{b:02d}=", "completion": f"{a + b:03d}"} for a, b in pairs]
+    train = workspace.root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:120]))
+    evaluation = workspace.root / "eval.jsonl"
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
+    tiny = [o for o in TINY if not o.startswith(("model.", "data."))]
+    from tests.conftest import tunelab
+
+    tunelab(
+        "train",
+        *workspace.base(),
+        *tiny,
+        "model=hf",
+        f"model.name_or_path={first_run / 'model'}",
+        "data=text_files",
+        f"data.train={train}",
+        f"data.eval={evaluation}",
+        "data.max_length=16",
+        "checkpoint=none",
+        cwd=workspace.root,
+    )
+    (run_dir,) = workspace.run_dirs()
+    manifest = json.loads((run_dir / "model" / "manifest.json").read_text())
+    assert manifest["base_model"] == str(first_run / "model")
+    assert "eval_exact_match" in manifest["metrics"]
+    reload_and_generate(run_dir / "model")
