@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        shown = {k: v for k, v in self.metrics.items() if k.startswith(("eval_", "train_loss"))}
+        shown = {
+            k: v
+            for k, v in self.metrics.items()
+            if k.startswith(("eval_", "train_loss")) and not k.endswith(("_runtime", "_second"))
+        }
         lines = [
             "tunelab: run finished",
             f"  run id   : {self.run_id or '(tracking=none)'}",
@@ -46,7 +51,10 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
     name = config.run_name(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
-    tracker = tracking.start(cfg, name, tracking.run_tags(run_dir, overrides))
+    # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    tags = tracking.run_tags(run_dir, overrides)
+    tracker = tracking.start(cfg, name, tags) if main_process else tracking.NullTracker()
     with tracking.recording(tracker):
         tracker.log_params(tracking.flatten(resolved))
         tracker.log_text(OmegaConf.to_yaml(resolved), "config/tunelab.yaml")
@@ -62,6 +70,14 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
         model = models.load_model(cfg.model, tokenizer)
         n_params, _ = models.parameter_count(model)
         log.info("model: %.2fM parameters", n_params / 1e6)
+        base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
+        tracker.set_tags(
+            {
+                "mlflow.note.content": f"{base} ({n_params / 1e6:.2f}M params) on {rows.source}: "
+                f"{len(rows.train)} train / {len(rows.eval)} eval rows; overrides: "
+                f"{tags['tunelab.overrides']}"
+            }
+        )
 
         trainer = _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker)
         train_out = trainer.train()
@@ -74,16 +90,16 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
             "step": trainer.state.global_step,
             "epoch": trainer.state.epoch,
             "metrics": metrics,
-            "base_model": cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config",
+            "base_model": base,
             "parameters": n_params,
             "data_source": rows.source,
             "data_digest": rows.digest,
             "mlflow_run_id": tracker.run_id,
             "overrides": list(overrides),
         }
-        artifact = artifacts.save_final(
-            run_dir / "model", model, tokenizer, OmegaConf.to_yaml(resolved), info
-        )
+        artifact = run_dir / "model"
+        if main_process:
+            artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
         tracker.log_artifacts(artifact, "model")
         if (run_dir / ".hydra").is_dir():
             tracker.log_artifacts(run_dir / ".hydra", "config/hydra")

@@ -156,7 +156,9 @@ def _experiment_id(client: Any, name: str, root: str | None) -> str:
         slug = re.sub(r"[^A-Za-z0-9._-]", "_", name)
         location = Path(root, slug).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # experimentKind opens the experiment in the UI's "Model training" view, not GenAI's.
+        kind = {"mlflow.experimentKind": "custom_model_development"}
+        return client.create_experiment(name, artifact_location=location, tags=kind)
     except MlflowException:  # created meanwhile by a parallel job
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -202,6 +204,8 @@ def trainer_callback(tracker: NullTracker) -> Any:
 def run_tags(run_dir: Path, overrides: list[str]) -> dict[str, str]:
     git = artifacts.git_state()
     tags = {
+        "mlflow.source.name": "tunelab train",
+        "mlflow.source.type": "LOCAL",
         "tunelab.overrides": " ".join(overrides) if overrides else "(none)",
         "tunelab.run_dir": str(Path(run_dir).resolve()),
         "tunelab.version": artifacts.versions().get("tunelab", "unknown"),
