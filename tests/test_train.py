@@ -156,7 +156,9 @@ def test_failing_run_is_marked_failed(workspace):
 
 
 def test_steps_checkpoints_keep_exactly_two_loadable(workspace):
-    workspace.train("checkpoint=steps", "checkpoint.every=2", "checkpoint.keep=2")
+    workspace.train(
+        "checkpoint=steps", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.keep_best=false"
+    )
     (run_dir,) = workspace.run_dirs()
     ckpts = sorted((run_dir / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
     assert [p.name for p in ckpts] == ["checkpoint-6", "checkpoint-8"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+RUN_RECORD = "tunelab_run.json"  # in the run directory: config fingerprint and MLflow run id
 CONFIG = "tunelab.yaml"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _LIBRARIES = ("tunelab", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
@@ -77,17 +78,16 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str), encoding="utf-8")
     _fsync_file(tmp)
     os.replace(tmp, directory / MANIFEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return manifest
 
 
 def verify_manifest(directory: Path) -> list[str]:
     """Problems with `directory` against its manifest (empty when every file matches)."""
     directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return [f"{directory / MANIFEST}: unreadable ({exc})"]
+    manifest = read_manifest(directory)
+    if "files" not in manifest:
+        return [f"{directory / MANIFEST}: missing or unreadable"]
     problems = []
     for name, want in manifest.get("files", {}).items():
         path = directory / name
@@ -96,6 +96,42 @@ def verify_manifest(directory: Path) -> list[str]:
         elif path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
             problems.append(f"{path}: contents do not match the manifest")
     return problems
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def is_complete(directory: Path) -> bool:
+    """A directory whose manifest exists and whose files are all there at their recorded size
+    (cheap: no hashing; `verify_manifest` hashes)."""
+    files = read_manifest(directory).get("files")
+    if not files:
+        return False
+    for name, want in files.items():
+        path = Path(directory) / name
+        if not path.is_file() or path.stat().st_size != want["size"]:
+            return False
+    return True
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, run_dir / RUN_RECORD)
 
 
 def sha256_file(path: Path) -> str:
@@ -113,7 +149,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -180,7 +216,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -51,7 +51,17 @@ def train(args: list[str]) -> None:
         train_job
     )
     sys.argv = [sys.argv[0], *args]
-    app()
+    try:
+        app()
+    except KeyboardInterrupt as exc:
+        # SIGTERM/SIGINT: the run wrote a checkpoint and is KILLED in MLflow; the same command
+        # resumes it. Exit as a process killed by that signal would (128 + signal number).
+        signum = getattr(exc, "signum", 2)
+        print(
+            f"tunelab: {exc or 'interrupted'}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signum) from None
 
 
 def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
@@ -64,8 +74,12 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
     hc = HydraConfig.get()
     from tunelab import runner
 
-    result = runner.run(cfg, run_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
-    print(result.summary())
+    try:
+        result = runner.run(cfg, run_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    except config.ConfigError as exc:
+        config.exit_on_problems(exc.problems)
+    if not result.extra.get("already_finished"):
+        print(result.summary())
     return result.objective
 
 

@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -49,14 +50,37 @@ def run_name(overrides: Iterable[str]) -> str:
     return name
 
 
+def fingerprint(resolved: dict) -> str:
+    """sha256 of what decides the trained model: the resolved config less the keys that do not
+    change it (the same ones left out of run names)."""
+    import json
+
+    kept = {k: v for k, v in resolved.items() if not _excluded(k) and k != "hydra"}
+    if isinstance(kept.get("training"), dict):
+        kept["training"] = {k: v for k, v in kept["training"].items() if k != "progress_bar"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _excluded(override: str) -> bool:
     key = override.lstrip("+~").split("=", 1)[0]
     return any(key == k or key.startswith(k + ".") for k in _NAME_EXCLUDED)
 
 
+def run_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
+    """The run directory's name: the run name, plus a unique suffix when `resume=never` asks
+    for a fresh directory (the same within one process, so a sweep's jobs share it)."""
+    name = run_name(overrides)
+    return f"{name}@{_FRESH_SUFFIX}" if str(resume) == "never" else name
+
+
+_FRESH_SUFFIX = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("tunelab.run_name"):
-        OmegaConf.register_new_resolver("tunelab.run_name", lambda ov: run_name(list(ov or [])))
+    if not OmegaConf.has_resolver("tunelab.run_dir"):
+        OmegaConf.register_new_resolver(
+            "tunelab.run_dir", lambda ov, resume="auto": run_dir_name(list(ov or []), resume)
+        )
 
 
 _register_resolvers()
@@ -154,6 +178,7 @@ class CheckpointSchema:
     keep: int | None = _f(None, min=1)
     metric: str | None = None
     mode: str | None = _f(None, choices=["min", "max"])
+    keep_best: bool = True
 
 
 @dataclass

@@ -44,65 +44,79 @@ class RunResult:
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult:
-    """Train one model as `cfg` says, write its artifact to `run_dir/model`, track it."""
+    """Train one model as `cfg` says (continuing from the run directory's newest valid checkpoint
+    when there is one), write its artifact to `run_dir/model`, track it."""
     config.check(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     name = config.run_name(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
+        return _already_finished(cfg, run_dir)
+    record = _claim(run_dir, resolved)
+    resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
 
     # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    tags = tracking.run_tags(run_dir, overrides)
-    tracker = tracking.start(cfg, name, tags) if main_process else tracking.NullTracker()
-    with tracking.recording(tracker):
-        tracker.log_params(tracking.flatten(resolved))
-        tracker.log_text(OmegaConf.to_yaml(resolved), "config/tunelab.yaml")
-        tracker.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
-
-        rows = data.load(cfg.data)
-        tokenizer = models.load_tokenizer(cfg.model, rows.texts())
-        train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length)
-        eval_set = data.tokenize(rows.eval, tokenizer, cfg.data.max_length) if rows.eval else None
-        log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
-
-        _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
-        model = models.load_model(cfg.model, tokenizer)
-        n_params, _ = models.parameter_count(model)
-        log.info("model: %.2fM parameters", n_params / 1e6)
-        base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
-        tracker.set_tags(
-            {
-                "mlflow.note.content": f"{base} ({n_params / 1e6:.2f}M params) on {rows.source}: "
-                f"{len(rows.train)} train / {len(rows.eval)} eval rows; overrides: "
-                f"{tags['tunelab.overrides']}"
-            }
-        )
-
-        trainer = _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker)
-        train_out = trainer.train()
-        metrics = dict(train_out.metrics)
-        if eval_set is not None:
-            metrics.update(trainer.evaluate())
-
-        info = {
-            "run_name": name,
-            "step": trainer.state.global_step,
-            "epoch": trainer.state.epoch,
-            "metrics": metrics,
-            "base_model": base,
-            "parameters": n_params,
-            "data_source": rows.source,
-            "data_digest": rows.digest,
-            "mlflow_run_id": tracker.run_id,
-            "overrides": list(overrides),
-        }
-        artifact = run_dir / "model"
+    tags = tracking.run_tags(run_dir, overrides, resume_from)
+    stopper = checkpoints.stop_on_signal()
+    stopper.install()
+    try:
+        tracker = tracking.start(cfg, name, tags, resolved, overrides, record.get("mlflow_run_id"))
         if main_process:
-            artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
-        tracker.log_artifacts(artifact, "model")
-        if (run_dir / ".hydra").is_dir():
-            tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+            artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
+        with tracking.recording(tracker):
+            rows = data.load(cfg.data)
+            tokenizer = models.load_tokenizer(cfg.model, rows.texts())
+            train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length)
+            eval_set = (
+                data.tokenize(rows.eval, tokenizer, cfg.data.max_length) if rows.eval else None
+            )
+            log.info(
+                "data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source
+            )
+
+            _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
+            model = models.load_model(cfg.model, tokenizer)
+            n_params, _ = models.parameter_count(model)
+            base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
+            tracker.describe(
+                f"{base} ({n_params / 1e6:.2f}M params) on {rows.source}: "
+                f"{len(rows.train)} train / {len(rows.eval)} eval rows"
+            )
+
+            trainer = _trainer(
+                cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker, stopper
+            )
+            train_out = trainer.train(
+                resume_from_checkpoint=str(resume_from) if resume_from else None
+            )
+            if stopper.received:  # a checkpoint was written at the step boundary
+                raise checkpoints.Interrupted(stopper.received)
+            metrics = dict(train_out.metrics)
+            if eval_set is not None:
+                metrics.update(trainer.evaluate())
+
+            info = {
+                "run_name": name,
+                "step": trainer.state.global_step,
+                "epoch": trainer.state.epoch,
+                "metrics": metrics,
+                "base_model": base,
+                "parameters": n_params,
+                "data_source": rows.source,
+                "data_digest": rows.digest,
+                "mlflow_run_id": tracker.run_id,
+                "overrides": list(overrides),
+                "resumed_from": str(resume_from) if resume_from else None,
+            }
+            artifact = run_dir / "model"
+            if main_process:
+                artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
+            tracker.log_artifacts(artifact, "model")
+            if (run_dir / ".hydra").is_dir():
+                tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+    finally:
+        stopper.uninstall()
 
     return RunResult(
         run_dir=run_dir,
@@ -114,10 +128,44 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
     )
 
 
-def _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker):  # type: ignore[no-untyped-def]
-    from transformers import Trainer
+def _claim(run_dir: Path, resolved: dict) -> dict[str, Any]:
+    """The run record of `run_dir`, refusing a directory that holds a run of another config
+    (conf files edited since the same command last ran there)."""
+    fingerprint = config.fingerprint(resolved)
+    record = artifacts.read_run_record(run_dir)
+    if record.get("fingerprint") not in (None, fingerprint) and resolved["resume"] == "auto":
+        raise config.ConfigError(
+            [
+                f"resume: {run_dir} holds a run of a different config (were conf files edited?); "
+                "rerun with resume=never to start afresh, or restore the config"
+            ]
+        )
+    return {**record, "fingerprint": fingerprint}
 
-    return Trainer(
+
+def _already_finished(cfg: DictConfig, run_dir: Path) -> RunResult:
+    manifest = artifacts.read_manifest(run_dir / "model")
+    log.info("already finished: %s", run_dir / "model")
+    # Killed after the artifact was committed but before MLflow heard of it: finish the upload.
+    tracking.complete_upload(cfg, manifest.get("mlflow_run_id"), run_dir)
+    print(
+        f"tunelab: this run already finished (run id {manifest.get('mlflow_run_id')}, artifact "
+        f"{run_dir / 'model'}); nothing to do. Use resume=never to train it again."
+    )
+    metrics = manifest.get("metrics", {})
+    return RunResult(
+        run_dir=run_dir,
+        artifact_dir=run_dir / "model",
+        metrics=metrics,
+        run_id=manifest.get("mlflow_run_id"),
+        objective=metrics.get("eval_exact_match", metrics.get("eval_loss")),
+        extra={"already_finished": True},
+    )
+
+
+def _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker, stopper):  # type: ignore[no-untyped-def]
+    trainer_class = checkpoints.trainer_class(cfg.checkpoint)
+    return trainer_class(
         model=model,
         args=training_arguments(cfg, run_dir, has_eval=eval_set is not None),
         train_dataset=train_set,
@@ -126,7 +174,7 @@ def _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker)
         processing_class=tokenizer,
         compute_metrics=data.metrics_fn(rows.has_completions),
         preprocess_logits_for_metrics=data.argmax_logits,
-        callbacks=[tracking.trainer_callback(tracker)],
+        callbacks=[tracking.trainer_callback(tracker), stopper],
     )
 
 

@@ -74,6 +74,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
+    def describe(self, text: str) -> None:
+        pass
+
     def finish(self, status: str, error: str | None = None) -> None:
         pass
 
@@ -81,16 +84,35 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     """One MLflow run, written through MlflowClient (no global active-run state)."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        previous_run_id: str | None = None,
+    ) -> None:
+        """Continue `previous_run_id` when the store still has it unfinished (a resumed run keeps
+        its run id, status back to RUNNING); otherwise create a new run."""
         from mlflow import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = _experiment_id(self.client, experiment, artifact_root(uri))
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = _unfinished_run(self.client, previous_run_id, self.experiment_id)
+        self.continued = run is not None
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            resumes = int(run.data.tags.get("tunelab.resumes", "0")) + 1
+            self.client.set_tag(run.info.run_id, "tunelab.resumes", str(resumes))
         self.run_id = run.info.run_id
+        if self.continued:
+            self.set_tags({k: v for k, v in tags.items() if k.startswith("tunelab.resumed")})
         self.artifact_uri = run.info.artifact_uri
         self._pending: list[Any] = []
+        self._overrides = tags.get("tunelab.overrides", "")
         self.ui_hint = (
             f"tunelab ui  ->  http://127.0.0.1:5000/#/experiments/{self.experiment_id}"
             f"/runs/{self.run_id}"
@@ -128,6 +150,10 @@ class MlflowTracker(NullTracker):
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=items)
 
+    def describe(self, text: str) -> None:
+        """The run's one-line description in the UI (mlflow.note.content)."""
+        self.set_tags({"mlflow.note.content": f"{text}; overrides: {self._overrides}"})
+
     def flush(self) -> None:
         for op in self._pending:
             if op is not None:
@@ -139,6 +165,19 @@ class MlflowTracker(NullTracker):
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         self.client.set_terminated(self.run_id, status)
+
+
+def _unfinished_run(client: Any, run_id: str | None, experiment_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+    return run if ok and run.info.status != "FINISHED" else None
 
 
 def _metric_key(key: str) -> str:
@@ -166,11 +205,47 @@ def _experiment_id(client: Any, name: str, root: str | None) -> str:
         return found.experiment_id
 
 
-def start(cfg: Any, run_name: str, tags: dict[str, str]) -> NullTracker:
-    """A tracker for `cfg.tracking`: an MLflow run, or a tracker that does nothing."""
+def start(
+    cfg: Any,
+    run_name: str,
+    tags: dict[str, str],
+    resolved: dict,
+    overrides: list[str],
+    previous_run_id: str | None = None,
+) -> NullTracker:
+    """A tracker for `cfg.tracking`: an MLflow run (continued when `previous_run_id` is still
+    unfinished, so a resumed run never re-logs its params), or a tracker that does nothing."""
     if cfg.tracking.backend == "none":
         return NullTracker()
-    return MlflowTracker(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, run_name, tags)
+    uri = resolve_uri(cfg.tracking.uri)
+    tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name, tags, previous_run_id)
+    if not tracker.continued:
+        from omegaconf import OmegaConf
+
+        tracker.log_params(flatten(resolved))
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config/tunelab.yaml")
+        tracker.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
+    return tracker
+
+
+def complete_upload(cfg: Any, run_id: str | None, run_dir: Path) -> None:
+    """For a run whose artifact is complete on disk but whose MLflow run is not FINISHED (the
+    process died between the two): log the artifact again and mark the run FINISHED."""
+    if cfg.tracking.backend == "none" or not run_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=resolve_uri(cfg.tracking.uri))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return
+    if run.info.status != "FINISHED":
+        client.log_artifacts(run_id, str(Path(run_dir) / "model"), "model")
+        if (Path(run_dir) / ".hydra").is_dir():
+            client.log_artifacts(run_id, str(Path(run_dir) / ".hydra"), "config/hydra")
+        client.set_terminated(run_id, "FINISHED")
 
 
 @contextmanager
@@ -178,8 +253,8 @@ def recording(tracker: NullTracker) -> Iterator[None]:
     """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C)."""
     try:
         yield
-    except KeyboardInterrupt:
-        tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT after the checkpoint
+        tracker.finish("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
         raise
     except BaseException as exc:
         tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
@@ -201,7 +276,9 @@ def trainer_callback(tracker: NullTracker) -> Any:
     return TrackingCallback()
 
 
-def run_tags(run_dir: Path, overrides: list[str]) -> dict[str, str]:
+def run_tags(
+    run_dir: Path, overrides: list[str], resumed_from: Path | None = None
+) -> dict[str, str]:
     git = artifacts.git_state()
     tags = {
         "mlflow.source.name": "tunelab train",
@@ -210,6 +287,8 @@ def run_tags(run_dir: Path, overrides: list[str]) -> dict[str, str]:
         "tunelab.run_dir": str(Path(run_dir).resolve()),
         "tunelab.version": artifacts.versions().get("tunelab", "unknown"),
     }
+    if resumed_from:
+        tags["tunelab.resumed_from"] = str(resumed_from)
     if git["commit"]:
         tags["mlflow.source.git.commit"] = git["commit"]
         tags["tunelab.git_dirty"] = str(git["dirty"]).lower()
