@@ -98,11 +98,17 @@ def verify_manifest(directory: Path) -> list[str]:
     return problems
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object at `path`, or {} when it is missing or unreadable."""
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return found if isinstance(found, dict) else {}
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    return read_json(Path(directory) / MANIFEST)
 
 
 def is_complete(directory: Path) -> bool:
@@ -119,10 +125,7 @@ def is_complete(directory: Path) -> bool:
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(run_dir) / RUN_RECORD)
 
 
 def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:

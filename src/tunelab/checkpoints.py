@@ -10,7 +10,6 @@ falls back to the next older checkpoint when one does not match.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -80,10 +79,7 @@ def commit(ckpt: Path, step: int, epoch: float | None, metrics: dict[str, float]
 
 
 def _manifest(ckpt: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((ckpt / artifacts.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return artifacts.read_manifest(ckpt) or None
 
 
 def _candidates(root: Path) -> list[Path]:
