@@ -35,6 +35,8 @@ TINY = [
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # Tiny runs last seconds: sample system metrics every second so they show up.
+    e.update(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     e.pop("MLFLOW_TRACKING_URI", None)
     return e
 

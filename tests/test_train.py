@@ -123,12 +123,54 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_status(trained):
     assert client.get_metric_history(run.info.run_id, "learning_rate")
     assert client.get_metric_history(run.info.run_id, "grad_norm")
 
-    logged = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
-    assert logged == {f"model/{name}" for name in EXPECTED_FILES}
     config_files = {f.path for f in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/tunelab.yaml", "config/overrides.yaml", "config/hydra"} <= config_files
-    local = Path(client.download_artifacts(run.info.run_id, "model", str(ws.root / "dl")))
+
+
+def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch):
+    import mlflow.artifacts
+
+    ws, run_dir, _ = trained
+    # MLflow 3.17 resolves runs:/.../model -> models:/ID against the default store, not the one
+    # passed in: point the default at this store too.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ws.uri)
+    client, run = only_run(ws)
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.name == "model" and model.source_run_id == run.info.run_id
+    assert str(model.status) == "READY"
+    assert {m.key for m in model.metrics} >= {"eval_loss", "eval_exact_match"}
+    # runs:/ID/model resolves to the logged model: one download, ready for from_pretrained.
+    uri = f"runs:/{run.info.run_id}/model"
+    listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=ws.uri)
+    assert {f.path.split("/")[-1] for f in listed} == EXPECTED_FILES
+    dst = ws.root / "dl"
+    dst.mkdir()
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=ws.uri))
     assert artifacts.verify_manifest(local) == []
+    reload_and_generate(local)
+    # One copy of the weights in the store.
+    weights = list((ws.root / "mlartifacts").rglob("model.safetensors"))
+    assert len(weights) == 1, weights
+
+
+def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):
+    ws, run_dir, _ = trained
+    client, run = only_run(ws)
+    params = run.data.params
+    assert int(params["model.parameters"]) == int(params["model.trainable_parameters"]) > 10_000
+    assert params["data.train_examples"] == "256" and params["data.eval_examples"] == "32"
+    assert int(params["data.train_tokens"]) == 256 * 10  # "12+34=" + "046" + eos
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"addition-2digit-train", "addition-2digit-eval"}
+    context = {t.key: t.value for t in inputs["addition-2digit-train"].tags}
+    assert context["mlflow.data.context"] == "train" and context["tunelab.rows"] == "256"
+    assert inputs["addition-2digit-train"].dataset.source_type == "code"
+    for key in ("throughput/samples_per_second", "throughput/tokens_per_second"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4, 6, 8]
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system, system
+    tags = run.data.tags
+    assert "transformers" in tags["tunelab.versions"] and tags["mlflow.note.content"]
 
 
 def test_artifacts_live_beside_the_store(trained):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from tunelab import paths
 
@@ -72,10 +73,17 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
 
     config.exit_on_problems(config.validate(cfg))
     hc = HydraConfig.get()
+    from hydra.types import RunMode
+
     from tunelab import runner
 
+    tags = {}
+    if hc.mode == RunMode.MULTIRUN:
+        tags = {"tunelab.sweep_id": Path(hc.sweep.dir).name, "tunelab.job_num": str(hc.job.num)}
     try:
-        result = runner.run(cfg, run_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
+        result = runner.run(
+            cfg, run_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task), tags=tags
+        )
     except config.ConfigError as exc:
         config.exit_on_problems(exc.problems)
     if not result.extra.get("already_finished"):

@@ -192,6 +192,7 @@ class TrackingSchema:
     uri: str | None = None
     experiment: str = "tunelab"
     log_checkpoints: str = _f("none", choices=["none", "last", "best", "all"])
+    system_metrics: bool = True
 
 
 @dataclass

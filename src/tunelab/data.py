@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +23,30 @@ class Rows:
     eval: list[dict[str, str]]
     source: str  # where the rows came from, for the model card and tracking
     has_completions: bool  # prompt/completion rows: exact match is meaningful
+    name: str = "data"  # a short name for the MLflow dataset inputs
+    split_sources: dict[str, str] = field(default_factory=dict)  # "train"/"eval" -> path
 
     @property
     def digest(self) -> str:
         """sha256 over the exact rows, train then eval: same digest, same data."""
-        h = hashlib.sha256()
-        for split in (self.train, self.eval):
-            for row in split:
-                h.update(json.dumps(row, sort_keys=True).encode())
-                h.update(b"\n")
-            h.update(b"\0")
-        return h.hexdigest()
+        return _digest(self.train, self.eval)
+
+    def split_digest(self, split: str) -> str:
+        return _digest(getattr(self, split))
 
     def texts(self) -> list[str]:
         """Training texts, for training a tokenizer from scratch."""
         return [r.get("text") or r["prompt"] + r["completion"] for r in self.train]
+
+
+def _digest(*splits: list[dict[str, str]]) -> str:
+    h = hashlib.sha256()
+    for split in splits:
+        for row in split:
+            h.update(json.dumps(row, sort_keys=True).encode())
+            h.update(b"\n")
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def load(cfg: Any) -> Rows:
@@ -63,6 +72,7 @@ def addition(digits: int, train_size: int, eval_size: int, seed: int) -> Rows:
         eval=rows[:eval_size],
         source=f"addition(digits={digits}, seed={seed})",
         has_completions=True,
+        name=f"addition-{digits}digit",
     )
 
 
@@ -91,6 +101,8 @@ def from_files(cfg: Any) -> Rows:
         eval=evaluation,
         source=str(cfg.train) + (f" + {cfg.eval}" if cfg.eval else ""),
         has_completions=all("completion" in r for r in train),
+        name=Path(cfg.train).stem,
+        split_sources={"train": str(cfg.train), "eval": str(cfg.eval or cfg.train)},
     )
 
 

@@ -43,7 +43,9 @@ class RunResult:
         return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult:
+def run(
+    cfg: DictConfig, run_dir: str | Path, overrides: list[str], tags: dict[str, str] | None = None
+) -> RunResult:
     """Train one model as `cfg` says (continuing from the run directory's newest valid checkpoint
     when there is one), write its artifact to `run_dir/model`, track it."""
     config.check(cfg)
@@ -57,7 +59,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
 
     # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    tags = tracking.run_tags(run_dir, overrides, resume_from)
+    tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
     stopper = checkpoints.stop_on_signal()
     stopper.install()
     try:
@@ -77,12 +79,10 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
 
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
             model = models.load_model(cfg.model, tokenizer)
-            n_params, _ = models.parameter_count(model)
+            n_params, n_trainable = models.parameter_count(model)
             base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
-            tracker.describe(
-                f"{base} ({n_params / 1e6:.2f}M params) on {rows.source}: "
-                f"{len(rows.train)} train / {len(rows.eval)} eval rows"
-            )
+            n_tokens = sum(len(ids) for ids in train_set["input_ids"])
+            tracking.log_inputs(tracker, rows, base, n_params, n_trainable, n_tokens)
 
             trainer = _trainer(
                 cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker, stopper
@@ -112,7 +112,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult
             artifact = run_dir / "model"
             if main_process:
                 artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
-            tracker.log_artifacts(artifact, "model")
+            tracker.log_model(artifact, metrics, trainer.state.global_step)
             if (run_dir / ".hydra").is_dir():
                 tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
     finally:
@@ -213,6 +213,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
         dataloader_pin_memory=cuda,
         disable_tqdm=not t.progress_bar,
         report_to="none",  # tracking is tunelab's own callback
+        include_num_input_tokens_seen="non_padding",  # for tokens/s
         seed=cfg.seed,
         data_seed=cfg.seed,
         **checkpoints.trainer_arguments(cfg.checkpoint),

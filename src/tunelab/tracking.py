@@ -58,6 +58,10 @@ class NullTracker:
 
     run_id: str | None = None
     ui_hint: str | None = None
+    continued: bool = False
+
+    def start_system_metrics(self) -> None:
+        pass
 
     def log_params(self, params: dict[str, str]) -> None:
         pass
@@ -76,6 +80,12 @@ class NullTracker:
 
     def describe(self, text: str) -> None:
         pass
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        pass
+
+    def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None:
+        return None
 
     def finish(self, status: str, error: str | None = None) -> None:
         pass
@@ -150,6 +160,54 @@ class MlflowTracker(NullTracker):
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=items)
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        """The data as an MLflow dataset input (the UI's Datasets column): name, digest, source.
+        Only metadata is logged, never the rows."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(source=_dataset_source(source), name=name, digest=digest[:36])
+        entity = dataset._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", context), InputTag("tunelab.rows", str(rows))]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags)])
+
+    def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None:
+        """The final artifact as the run's Logged Model `model`: the Hugging Face directory is
+        uploaded once, as the model's artifacts (MLflow 3 serves them under runs:/ID/model too),
+        with the final metrics linked to it. Returns the model id."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+        for old in _logged_models(self.client, self.experiment_id, self.run_id):
+            self.client.delete_logged_model(old.model_id)  # a half-finished earlier upload
+        model = self.client.create_logged_model(
+            self.experiment_id,
+            name="model",
+            source_run_id=self.run_id,
+            tags={"tunelab.format": "huggingface", "tunelab.loader": "AutoModelForCausalLM"},
+            model_type="transformers/causal_lm",
+        )
+        self.client.log_model_artifacts(model.model_id, str(local_dir))
+        now = int(time.time() * 1000)
+        final = [
+            Metric(_metric_key(k), float(v), now, step, model_id=model.model_id)
+            for k, v in metrics.items()
+            if k.startswith("eval_") and isinstance(v, (int, float))
+        ]
+        if final:
+            self.client.log_batch(self.run_id, metrics=final)
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
+    def start_system_metrics(self) -> None:
+        """CPU, memory, disk, network (and GPU when pynvml finds one), sampled in a thread."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(
+            self.run_id, sampling_interval=5, resume_logging=self.continued, tracking_uri=self.uri
+        )
+        self._system.start()
+
     def describe(self, text: str) -> None:
         """The run's one-line description in the UI (mlflow.note.content)."""
         self.set_tags({"mlflow.note.content": f"{text}; overrides: {self._overrides}"})
@@ -161,10 +219,30 @@ class MlflowTracker(NullTracker):
         self._pending.clear()
 
     def finish(self, status: str, error: str | None = None) -> None:
+        if getattr(self, "_system", None) is not None:
+            self._system.finish()
+            self._system = None
         self.flush()
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         self.client.set_terminated(self.run_id, status)
+
+
+def _dataset_source(source: str) -> Any:
+    """A file source for local files, a code source for data generated in code."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if Path(source).exists():
+        return resolve_dataset_source(str(Path(source).resolve()))
+    return CodeDatasetSource(tags={"generator": source})
+
+
+def _logged_models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string="name = 'model'"
+    )
+    return [m for m in found if m.source_run_id == run_id]
 
 
 def _unfinished_run(client: Any, run_id: str | None, experiment_id: str) -> Any:
@@ -219,6 +297,8 @@ def start(
         return NullTracker()
     uri = resolve_uri(cfg.tracking.uri)
     tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name, tags, previous_run_id)
+    if cfg.tracking.system_metrics:
+        tracker.start_system_metrics()
     if not tracker.continued:
         from omegaconf import OmegaConf
 
@@ -242,10 +322,14 @@ def complete_upload(cfg: Any, run_id: str | None, run_dir: Path) -> None:
     except MlflowException:
         return
     if run.info.status != "FINISHED":
-        client.log_artifacts(run_id, str(Path(run_dir) / "model"), "model")
+        tracker = MlflowTracker(
+            resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, "", {}, previous_run_id=run_id
+        )
+        manifest = artifacts.read_manifest(Path(run_dir) / "model")
+        tracker.log_model(Path(run_dir) / "model", manifest.get("metrics", {}), manifest["step"])
         if (Path(run_dir) / ".hydra").is_dir():
-            client.log_artifacts(run_id, str(Path(run_dir) / ".hydra"), "config/hydra")
-        client.set_terminated(run_id, "FINISHED")
+            tracker.log_artifacts(Path(run_dir) / ".hydra", "config/hydra")
+        tracker.finish("FINISHED")
 
 
 @contextmanager
@@ -269,15 +353,70 @@ def trainer_callback(tracker: NullTracker) -> Any:
     from transformers import TrainerCallback
 
     class TrackingCallback(TrainerCallback):
+        """Also adds throughput over each logging interval: samples/s and tokens/s."""
+
+        def __init__(self) -> None:
+            self.last: tuple[float, int, int] | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
+
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-            if logs and state.is_world_process_zero:
-                tracker.log_metrics(logs, step=state.global_step)
+            if not logs or not state.is_world_process_zero:
+                return
+            logs = dict(logs)
+            if "loss" in logs and self.last is not None:
+                now, step, tokens = (
+                    time.perf_counter(),
+                    state.global_step,
+                    state.num_input_tokens_seen,
+                )
+                elapsed = max(now - self.last[0], 1e-9)
+                per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+                samples = (step - self.last[1]) * per_step * args.world_size
+                logs["throughput/samples_per_second"] = samples / elapsed
+                if tokens:
+                    logs["throughput/tokens_per_second"] = (tokens - self.last[2]) / elapsed
+                self.last = (now, step, tokens)
+            tracker.log_metrics(logs, step=state.global_step)
 
     return TrackingCallback()
 
 
+def log_inputs(
+    tracker: NullTracker, rows: Any, base: str, params: int, trainable: int, train_tokens: int
+) -> None:
+    """What went in: a one-line description, the datasets, and model and data sizes as params
+    (not again for a resumed run, whose params are already there)."""
+    tracker.describe(
+        f"{base} ({params / 1e6:.2f}M params) on {rows.source}: "
+        f"{len(rows.train)} train / {len(rows.eval)} eval rows"
+    )
+    if tracker.continued:
+        return
+    for split in ("train", "eval"):
+        if getattr(rows, split):
+            source = rows.split_sources.get(split, rows.source)
+            n_rows = len(getattr(rows, split))
+            tracker.log_dataset(
+                f"{rows.name}-{split}", rows.split_digest(split), source, split, n_rows
+            )
+    tracker.log_params(
+        {
+            "model.parameters": str(params),
+            "model.trainable_parameters": str(trainable),
+            "data.train_examples": str(len(rows.train)),
+            "data.eval_examples": str(len(rows.eval)),
+            "data.train_tokens": str(train_tokens),
+        }
+    )
+
+
 def run_tags(
-    run_dir: Path, overrides: list[str], resumed_from: Path | None = None
+    run_dir: Path,
+    overrides: list[str],
+    resumed_from: Path | None = None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     git = artifacts.git_state()
     tags = {
@@ -286,6 +425,8 @@ def run_tags(
         "tunelab.overrides": " ".join(overrides) if overrides else "(none)",
         "tunelab.run_dir": str(Path(run_dir).resolve()),
         "tunelab.version": artifacts.versions().get("tunelab", "unknown"),
+        "tunelab.versions": ", ".join(f"{k} {v}" for k, v in artifacts.versions().items()),
+        **(extra or {}),
     }
     if resumed_from:
         tags["tunelab.resumed_from"] = str(resumed_from)
