@@ -185,8 +185,9 @@ def _remove(path: Path) -> None:
 # Trainer integration.
 
 
-def trainer_class(cfg: Any) -> type:
-    """Trainer with crash-safe checkpoint commits and tunelab's rotation."""
+def trainer_class(cfg: Any, on_commit: Any = None) -> type:
+    """Trainer with crash-safe checkpoint commits and tunelab's rotation. `on_commit(path,
+    removed, best)` is told of each commit, what rotation removed, and the best checkpoint."""
     from transformers import Trainer
 
     keep, keep_best = cfg.keep, cfg.get("keep_best", True)
@@ -209,9 +210,16 @@ def trainer_class(cfg: Any) -> type:
                 return
             root = Path(self._get_output_dir(trial=trial))
             step = self.state.global_step
-            commit(root / f"{PREFIX}{step}", step, self.state.epoch, _metrics_at(self.state, step))
-            for path in rotate(root, keep, metric, cfg.mode):
-                log.info("rotated away %s", path.name)
+            path = root / f"{PREFIX}{step}"
+            commit(path, step, self.state.epoch, _metrics_at(self.state, step))
+            removed = rotate(root, keep, metric, cfg.mode)
+            for old in removed:
+                log.info("rotated away %s", old.name)
+            if on_commit is not None:
+                best = (
+                    best_checkpoint(committed(root), cfg.metric, cfg.mode) if cfg.metric else None
+                )
+                on_commit(path, removed, best)
 
     return CheckpointingTrainer
 

@@ -17,7 +17,14 @@ usage: tunelab <command> [args]
 
 commands:
   train [overrides]   train one run (Hydra: `-m` sweeps, `--cfg job`, `--help`, `-cd DIR`)
+  runs                recent runs: name, status, key metrics, duration, artifact
+  export RUN_ID DIR   download a run's model, ready for from_pretrained(DIR)
+  generate PATH|RUN_ID PROMPT
+                      load a model (directory, run id or runs:/ URI) and continue PROMPT
   ui [--port N]       MLflow UI on the same store `tunelab train` writes to (127.0.0.1)
+
+`runs`, `export`, `generate` and `ui` take --uri (default: the store `train` uses:
+$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
 
 examples:
   tunelab train
@@ -36,11 +43,23 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         train(rest)
-    elif command == "ui":
-        ui(rest)
+    elif command in TOOLS:
+        _run_tool(command, rest)
     else:
-        print(f"tunelab: unknown command {command!r}; commands: train, ui", file=sys.stderr)
+        known = ", ".join(["train", *TOOLS])
+        print(f"tunelab: unknown command {command!r}; commands: {known}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _run_tool(command: str, args: list[str]) -> None:
+    """Run a store tool; an unreachable store or a bad argument is one line, not a traceback."""
+    from tunelab.tracking import TrackingUnavailable
+
+    try:
+        TOOLS[command](args)
+    except (TrackingUnavailable, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        print(f"tunelab {command}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def train(args: list[str]) -> None:
@@ -75,7 +94,7 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
     hc = HydraConfig.get()
     from hydra.types import RunMode
 
-    from tunelab import runner
+    from tunelab import runner, tracking
 
     tags = {}
     if hc.mode == RunMode.MULTIRUN:
@@ -86,17 +105,97 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
         )
     except config.ConfigError as exc:
         config.exit_on_problems(exc.problems)
+    except tracking.TrackingUnavailable as exc:
+        print(
+            f"tunelab: {exc}. Start it, point tracking.uri elsewhere, or set "
+            "tracking.required=false to train now and upload later.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     if not result.extra.get("already_finished"):
         print(result.summary())
     return result.objective
 
 
-def ui(args: list[str]) -> None:
+def _parser(command: str, description: str):  # type: ignore[no-untyped-def]
     import argparse
 
-    parser = argparse.ArgumentParser(prog="tunelab ui", description="Open the MLflow UI.")
-    parser.add_argument("--port", type=int, default=5000)
+    parser = argparse.ArgumentParser(prog=f"tunelab {command}", description=description)
     parser.add_argument("--uri", default=None, help="tracking URI (default: the one train uses)")
+    return parser
+
+
+def runs(args: list[str]) -> None:
+    parser = _parser("runs", "Recent runs, newest first.")
+    parser.add_argument("--experiment", default="tunelab")
+    parser.add_argument("--limit", type=int, default=20)
+    opts = parser.parse_args(args)
+    from tunelab.tracking import recent_runs
+
+    rows = recent_runs(opts.uri, opts.experiment, opts.limit)
+    if not rows:
+        print(f"no runs in experiment {opts.experiment!r}")
+        return
+
+    def cell(v: object) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    header = ["run id", "name", "status", "exact_match", "eval_loss", "duration", "artifact"]
+    table = [
+        [r["run_id"][:12], _cut(r["name"], 40), r["status"], cell(r["eval_exact_match"]),
+         cell(r["eval_loss"]), f"{r['duration_s']:.0f}s", r["artifact"]]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
+    for line in [header, *table]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=False)).rstrip())
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def export(args: list[str]) -> None:
+    parser = _parser("export", "Download a run's model into DIR, ready for from_pretrained.")
+    parser.add_argument("run", help="run id, runs:/ID/model or models:/ID")
+    parser.add_argument("dir")
+    opts = parser.parse_args(args)
+    from pathlib import Path
+
+    from tunelab.tracking import download_model
+
+    dst = Path(opts.dir)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new directory")
+    if dst.exists():
+        dst.rmdir()
+    download_model(opts.run, dst, opts.uri)
+    print(f"exported {opts.run} to {dst} (verified against its manifest)")
+
+
+def generate(args: list[str]) -> None:
+    parser = _parser("generate", "Continue PROMPT with a model, greedily, to check it by eye.")
+    parser.add_argument("model", help="a model directory, a run id, or runs:/ / models:/ URI")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    opts = parser.parse_args(args)
+    import tempfile
+    from pathlib import Path
+
+    from tunelab.model import generate as continue_prompt
+    from tunelab.tracking import download_model
+
+    if Path(opts.model).is_dir():
+        print(opts.prompt + continue_prompt(opts.model, opts.prompt, opts.max_new_tokens))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_model(opts.model, Path(tmp) / "model", opts.uri)
+        print(opts.prompt + continue_prompt(str(local), opts.prompt, opts.max_new_tokens))
+
+
+def ui(args: list[str]) -> None:
+    parser = _parser("ui", "Open the MLflow UI on the store train writes to.")
+    parser.add_argument("--port", type=int, default=5000)
     opts = parser.parse_args(args)
     from tunelab.tracking import resolve_uri
 
@@ -105,3 +204,6 @@ def ui(args: list[str]) -> None:
     cmd += ["--host", "127.0.0.1", "--port", str(opts.port)]
     print(f"tunelab: MLflow UI for {uri} at http://127.0.0.1:{opts.port}", flush=True)
     os.execv(sys.executable, cmd)
+
+
+TOOLS = {"runs": runs, "export": export, "generate": generate, "ui": ui}

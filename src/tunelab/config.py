@@ -193,6 +193,7 @@ class TrackingSchema:
     experiment: str = "tunelab"
     log_checkpoints: str = _f("none", choices=["none", "last", "best", "all"])
     system_metrics: bool = True
+    required: bool = True
 
 
 @dataclass
@@ -323,6 +324,14 @@ def _check_combinations(c: dict, problems: list[str]) -> None:
             problems.append("checkpoint.metric: required with checkpoint=best (e.g. eval_loss)")
         if not has_eval:
             problems.append("checkpoint=best: needs an eval set (data.eval or data.eval_size > 0)")
+    uploads = c["tracking"].get("log_checkpoints", "none")
+    if uploads != "none" and ck["strategy"] == "none":
+        problems.append(
+            f"tracking.log_checkpoints={uploads}: there are no checkpoints with checkpoint=none; "
+            "use checkpoint=steps|epoch|best or tracking.log_checkpoints=none"
+        )
+    if uploads == "best" and not ck.get("metric"):
+        problems.append("tracking.log_checkpoints=best: needs checkpoint.metric (e.g. eval_loss)")
     resume = c.get("resume", "auto")
     if resume not in ("auto", "never") and not Path(resume).exists():
         problems.append(f"resume: {resume!r} is not auto, never or an existing checkpoint path")

@@ -7,14 +7,14 @@ from typing import Any
 SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-def load_tokenizer(cfg: Any, texts: list[str]) -> Any:
-    """The pretrained tokenizer of `cfg.name_or_path`, or a byte-level BPE trained on `texts`."""
-    if cfg.name_or_path:
+def load_tokenizer(cfg: Any, texts: list[str], source: str | None = None) -> Any:
+    """The pretrained tokenizer at `source` (default `cfg.name_or_path`), or a byte-level BPE
+    trained on `texts` when there is none."""
+    source = source or cfg.name_or_path
+    if source:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         if tok.pad_token is None:  # most causal LMs ship without one; padding is masked anyway
             tok.pad_token = tok.eos_token
         return tok
@@ -44,13 +44,15 @@ def train_tokenizer(texts: list[str], vocab_size: int = 0, max_length: int | Non
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, **extra)
 
 
-def load_model(cfg: Any, tokenizer: Any) -> Any:
-    """The pretrained model of `cfg.name_or_path`, or a fresh one from `cfg.arch`."""
+def load_model(cfg: Any, tokenizer: Any, source: str | None = None) -> Any:
+    """The pretrained model at `source` (default `cfg.name_or_path`), or a fresh one from
+    `cfg.arch`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.name_or_path:
+    source = source or cfg.name_or_path
+    if source:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+            source, trust_remote_code=cfg.trust_remote_code
         )
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
@@ -76,3 +78,14 @@ def parameter_count(model: Any) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def generate(path: str, prompt: str, max_new_tokens: int = 16) -> str:
+    """Greedy continuation of `prompt` by the model in `path`, special tokens dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)

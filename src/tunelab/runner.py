@@ -34,7 +34,7 @@ class RunResult:
         }
         lines = [
             "tunelab: run finished",
-            f"  run id   : {self.run_id or '(tracking=none)'}",
+            f"  run id   : {self.run_id or '(not tracked)'}",
             f"  artifact : {self.artifact_dir}",
             "  metrics  : " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
         ]
@@ -53,7 +53,8 @@ def run(
     name = config.run_name(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
-        return _already_finished(cfg, run_dir)
+        tags = tracking.run_tags(run_dir, overrides, extra=tags)
+        return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
     record = _claim(run_dir, resolved)
     resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
 
@@ -68,7 +69,9 @@ def run(
             artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
         with tracking.recording(tracker):
             rows = data.load(cfg.data)
-            tokenizer = models.load_tokenizer(cfg.model, rows.texts())
+            cache = Path(cfg.output.root) / ".cache" / "models"
+            source = tracking.fetch_model(cfg.model.name_or_path, cfg.tracking.uri, cache)
+            tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
             train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length)
             eval_set = (
                 data.tokenize(rows.eval, tokenizer, cfg.data.max_length) if rows.eval else None
@@ -78,7 +81,7 @@ def run(
             )
 
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
-            model = models.load_model(cfg.model, tokenizer)
+            model = models.load_model(cfg.model, tokenizer, source)
             n_params, n_trainable = models.parameter_count(model)
             base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
             n_tokens = sum(len(ids) for ids in train_set["input_ids"])
@@ -123,9 +126,15 @@ def run(
         artifact_dir=artifact,
         metrics=metrics,
         run_id=tracker.run_id,
-        ui_hint=tracker.ui_hint,
+        ui_hint=tracker.ui_hint or _upload_hint(cfg),
         objective=metrics.get("eval_exact_match", metrics.get("eval_loss")),
     )
+
+
+def _upload_hint(cfg: DictConfig) -> str | None:
+    if cfg.tracking.backend == "none":
+        return None
+    return "not uploaded (the store was unreachable): run the same command again to upload it"
 
 
 def _claim(run_dir: Path, resolved: dict) -> dict[str, Any]:
@@ -143,13 +152,25 @@ def _claim(run_dir: Path, resolved: dict) -> dict[str, Any]:
     return {**record, "fingerprint": fingerprint}
 
 
-def _already_finished(cfg: DictConfig, run_dir: Path) -> RunResult:
+def _already_finished(
+    cfg: DictConfig,
+    run_dir: Path,
+    name: str,
+    tags: dict[str, str],
+    resolved: dict,
+    overrides: list[str],
+) -> RunResult:
     manifest = artifacts.read_manifest(run_dir / "model")
+    record = artifacts.read_run_record(run_dir)
     log.info("already finished: %s", run_dir / "model")
-    # Killed after the artifact was committed but before MLflow heard of it: finish the upload.
-    tracking.complete_upload(cfg, manifest.get("mlflow_run_id"), run_dir)
+    # Killed after the artifact was committed but before MLflow heard of it, or trained while
+    # the store was down: upload it now.
+    run_id = record.get("mlflow_run_id") or manifest.get("mlflow_run_id")
+    run_id = tracking.complete_upload(cfg, run_dir, run_id, name, tags, resolved, overrides)
+    if run_id and run_id != record.get("mlflow_run_id"):
+        artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": run_id})
     print(
-        f"tunelab: this run already finished (run id {manifest.get('mlflow_run_id')}, artifact "
+        f"tunelab: this run already finished (run id {run_id}, artifact "
         f"{run_dir / 'model'}); nothing to do. Use resume=never to train it again."
     )
     metrics = manifest.get("metrics", {})
@@ -157,14 +178,15 @@ def _already_finished(cfg: DictConfig, run_dir: Path) -> RunResult:
         run_dir=run_dir,
         artifact_dir=run_dir / "model",
         metrics=metrics,
-        run_id=manifest.get("mlflow_run_id"),
+        run_id=run_id,
         objective=metrics.get("eval_exact_match", metrics.get("eval_loss")),
         extra={"already_finished": True},
     )
 
 
 def _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker, stopper):  # type: ignore[no-untyped-def]
-    trainer_class = checkpoints.trainer_class(cfg.checkpoint)
+    on_commit = tracker.checkpoint_hook(cfg.tracking.log_checkpoints)
+    trainer_class = checkpoints.trainer_class(cfg.checkpoint, on_commit)
     return trainer_class(
         model=model,
         args=training_arguments(cfg, run_dir, has_eval=eval_set is not None),

@@ -4,8 +4,10 @@ the final artifact, and an honest status. `tracking=none` gives a tracker that d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import artifacts
+
+log = logging.getLogger("tunelab")
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit; longer values are truncated, never dropped
 MAX_PARAM_KEY = 250
@@ -62,6 +66,9 @@ class NullTracker:
 
     def start_system_metrics(self) -> None:
         pass
+
+    def checkpoint_hook(self, policy: str) -> Any:
+        return None
 
     def log_params(self, params: dict[str, str]) -> None:
         pass
@@ -118,8 +125,8 @@ class MlflowTracker(NullTracker):
             resumes = int(run.data.tags.get("tunelab.resumes", "0")) + 1
             self.client.set_tag(run.info.run_id, "tunelab.resumes", str(resumes))
         self.run_id = run.info.run_id
-        if self.continued:
-            self.set_tags({k: v for k, v in tags.items() if k.startswith("tunelab.resumed")})
+        if self.continued:  # a new process: who runs it now, and from where it resumed
+            self.set_tags({k: v for k, v in tags.items() if k.startswith(_PER_PROCESS_TAGS)})
         self.artifact_uri = run.info.artifact_uri
         self._pending: list[Any] = []
         self._overrides = tags.get("tunelab.overrides", "")
@@ -199,6 +206,14 @@ class MlflowTracker(NullTracker):
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
         return model.model_id
 
+    def checkpoint_hook(self, policy: str) -> Any:
+        """For tracking.log_checkpoints: a commit hook that mirrors checkpoints into the run's
+        artifacts (`checkpoints/checkpoint-<step>/`) on a background thread."""
+        if policy == "none":
+            return None
+        self._uploader = CheckpointUploader(self, policy)
+        return self._uploader.on_commit
+
     def start_system_metrics(self) -> None:
         """CPU, memory, disk, network (and GPU when pynvml finds one), sampled in a thread."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -219,6 +234,9 @@ class MlflowTracker(NullTracker):
         self._pending.clear()
 
     def finish(self, status: str, error: str | None = None) -> None:
+        if getattr(self, "_uploader", None) is not None:
+            self._uploader.close()  # a FINISHED run has all its checkpoint uploads done
+            self._uploader = None
         if getattr(self, "_system", None) is not None:
             self._system.finish()
             self._system = None
@@ -226,6 +244,9 @@ class MlflowTracker(NullTracker):
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         self.client.set_terminated(self.run_id, status)
+
+
+_PER_PROCESS_TAGS = ("tunelab.resumed", "tunelab.host", "tunelab.pid")
 
 
 def _dataset_source(source: str) -> Any:
@@ -258,6 +279,70 @@ def _unfinished_run(client: Any, run_id: str | None, experiment_id: str) -> Any:
     return run if ok and run.info.status != "FINISHED" else None
 
 
+class CheckpointUploader:
+    """Mirrors committed checkpoints into the run's artifacts, one upload at a time in a
+    background thread, so training never waits on the store.
+
+    `all` uploads every checkpoint and never deletes; `last` keeps only the newest in the store;
+    `best` uploads a checkpoint only when it is the best and keeps only that one. A checkpoint that
+    local rotation removes is removed from the store too (except with `all`). Files go up in name
+    order with `manifest.json` last, so a store copy without a manifest is incomplete, as on disk.
+    """
+
+    def __init__(self, tracker: MlflowTracker, policy: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.tracker, self.policy = tracker, policy
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-upload")
+        self.stored: list[str] = []  # checkpoint names in the store, oldest first
+        self.errors: list[str] = []
+
+    def on_commit(self, path: Path, removed: list[Path], best: Path | None) -> None:
+        if self.policy != "all":
+            for old in removed:
+                self.pool.submit(self._delete, old.name)
+        if self.policy == "best" and path != best:
+            return
+        self.pool.submit(self._upload, Path(path))
+
+    def _upload(self, path: Path) -> None:
+        name = path.name
+        try:
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            files.sort(key=lambda p: p.name == artifacts.MANIFEST)  # the manifest last
+            for file in files:
+                sub = file.parent.relative_to(path).as_posix()
+                dest = f"checkpoints/{name}" + ("" if sub == "." else f"/{sub}")
+                self.tracker.client.log_artifact(self.tracker.run_id, str(file), dest)
+        except Exception as exc:  # rotated away mid-upload, or the store failed
+            self.errors.append(f"{name}: {exc}")
+            log.warning("checkpoint upload of %s failed (%s); removing the partial copy", name, exc)
+            self._delete(name)
+            return
+        self.stored.append(name)
+        if self.policy in ("last", "best"):
+            for older in [n for n in self.stored if n != name]:
+                self._delete(older)
+
+    def _delete(self, name: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            repo = get_artifact_repository(self.tracker.artifact_uri, tracking_uri=self.tracker.uri)
+            repo.delete_artifacts(f"checkpoints/{name}")
+        except Exception as exc:  # already gone, or the store cannot delete
+            log.debug("could not delete checkpoints/%s from the store: %s", name, exc)
+        if name in self.stored:
+            self.stored.remove(name)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.errors:
+            self.tracker.set_tags(
+                {"tunelab.checkpoint_upload_errors": "; ".join(self.errors)[:5000]}
+            )
+
+
 def _metric_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
 
@@ -283,6 +368,25 @@ def _experiment_id(client: Any, name: str, root: str | None) -> str:
         return found.experiment_id
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached; raised before anything is trained."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is down."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailable(
+                f"tracking server {uri} cannot be reached ({reason})"
+            ) from None
+
+
 def start(
     cfg: Any,
     run_name: str,
@@ -292,11 +396,24 @@ def start(
     previous_run_id: str | None = None,
 ) -> NullTracker:
     """A tracker for `cfg.tracking`: an MLflow run (continued when `previous_run_id` is still
-    unfinished, so a resumed run never re-logs its params), or a tracker that does nothing."""
+    unfinished, so a resumed run never re-logs its params), or a tracker that does nothing.
+    Stale RUNNING runs left by dead processes are marked KILLED on the way."""
     if cfg.tracking.backend == "none":
         return NullTracker()
     uri = resolve_uri(cfg.tracking.uri)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as exc:
+        if cfg.tracking.required:
+            raise
+        log.warning(
+            "%s; training without tracking (tracking.required=false). When the store is back, "
+            "run the same command again: it finds the finished artifact and uploads it.",
+            exc,
+        )
+        return NullTracker()
     tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name, tags, previous_run_id)
+    repair_stale(tracker.client, tracker.experiment_id, keep=tracker.run_id)
     if cfg.tracking.system_metrics:
         tracker.start_system_metrics()
     if not tracker.continued:
@@ -308,28 +425,87 @@ def start(
     return tracker
 
 
-def complete_upload(cfg: Any, run_id: str | None, run_dir: Path) -> None:
-    """For a run whose artifact is complete on disk but whose MLflow run is not FINISHED (the
-    process died between the two): log the artifact again and mark the run FINISHED."""
-    if cfg.tracking.backend == "none" or not run_id:
-        return
+def complete_upload(
+    cfg: Any,
+    run_dir: Path,
+    run_id: str | None,
+    run_name: str,
+    tags: dict[str, str],
+    resolved: dict,
+    overrides: list[str],
+) -> str | None:
+    """For a finished artifact whose MLflow run is not FINISHED (the process died between the
+    two, or the store was down with tracking.required=false): log it now, into the same run
+    when the store still has it, else into a new one. Returns the run id."""
+    if cfg.tracking.backend == "none":
+        return run_id
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=resolve_uri(cfg.tracking.uri))
+    uri = resolve_uri(cfg.tracking.uri)
     try:
-        run = client.get_run(run_id)
+        check_reachable(uri)
+        if run_id and MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED":
+            return run_id
+    except TrackingUnavailable as exc:
+        log.warning("%s; the finished artifact stays on disk, not uploaded", exc)
+        return run_id
     except MlflowException:
-        return
-    if run.info.status != "FINISHED":
-        tracker = MlflowTracker(
-            resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, "", {}, previous_run_id=run_id
-        )
-        manifest = artifacts.read_manifest(Path(run_dir) / "model")
-        tracker.log_model(Path(run_dir) / "model", manifest.get("metrics", {}), manifest["step"])
+        run_id = None  # not in this store (any more)
+    tracker = start(cfg, run_name, tags, resolved, overrides, previous_run_id=run_id)
+    with recording(tracker):
+        model_dir = Path(run_dir) / "model"
+        manifest = artifacts.read_manifest(model_dir)
+        tracker.log_model(model_dir, manifest.get("metrics", {}), manifest.get("step", 0))
+        tracker.log_metrics(manifest.get("metrics", {}), manifest.get("step", 0))
         if (Path(run_dir) / ".hydra").is_dir():
             tracker.log_artifacts(Path(run_dir) / ".hydra", "config/hydra")
-        tracker.finish("FINISHED")
+    log.info("uploaded %s to MLflow run %s", model_dir, tracker.run_id)
+    return tracker.run_id
+
+
+def repair_stale(client: Any, experiment_id: str, keep: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose process (on this host) is gone,
+    so a run never stays RUNNING after a kill -9 or a power cut. Returns their ids."""
+    stale = []
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500
+    )
+    for run in running:
+        if run.info.run_id != keep and _process_gone(run.data.tags):
+            why = "its process ended without reporting (killed?)"
+            client.set_tag(run.info.run_id, "tunelab.error", why)
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+    return stale
+
+
+def _process_gone(tags: dict[str, str]) -> bool:
+    """True only when the run's process is known to be gone: same host, and no process with
+    that pid and start time (a reused pid is not mistaken for the run's)."""
+    import psutil
+
+    if tags.get("tunelab.host") != socket.gethostname() or "tunelab.pid" not in tags:
+        return False
+    try:
+        started = psutil.Process(int(tags["tunelab.pid"])).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, ValueError):
+        return False
+    return abs(started - float(tags.get("tunelab.pid_started", started))) > 1.0
+
+
+def process_tags() -> dict[str, str]:
+    """Who is running this run, so a later start can tell whether it is still alive."""
+    import psutil
+
+    me = psutil.Process()
+    return {
+        "tunelab.host": socket.gethostname(),
+        "tunelab.pid": str(me.pid),
+        "tunelab.pid_started": f"{me.create_time():.3f}",
+    }
 
 
 @contextmanager
@@ -426,6 +602,7 @@ def run_tags(
         "tunelab.run_dir": str(Path(run_dir).resolve()),
         "tunelab.version": artifacts.versions().get("tunelab", "unknown"),
         "tunelab.versions": ", ".join(f"{k} {v}" for k, v in artifacts.versions().items()),
+        **process_tags(),
         **(extra or {}),
     }
     if resumed_from:
@@ -434,3 +611,82 @@ def run_tags(
         tags["mlflow.source.git.commit"] = git["commit"]
         tags["tunelab.git_dirty"] = str(git["dirty"]).lower()
     return tags
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the store back: `tunelab runs`, `export`, `generate`, and models:/ or runs:/ sources.
+
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
+
+
+def client_for(uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    resolved = resolve_uri(uri)
+    check_reachable(resolved)
+    # MLflow 3.17 resolves runs:/ID/model -> models:/ID against the *default* store: make the
+    # default this store too.
+    os.environ["MLFLOW_TRACKING_URI"] = resolved
+    return MlflowClient(tracking_uri=resolved)
+
+
+def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
+    """Download a run's model (a run id, runs:/ID/model or models:/...) into `dst`, verified
+    against its manifest, written beside `dst` and renamed into place when complete."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    client_for(uri)
+    if not source.startswith(MODEL_URI_SCHEMES):
+        source = f"runs:/{source}/model"
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(source, dst_path=tmp))
+        problems = artifacts.verify_manifest(local)
+        if problems:
+            raise RuntimeError(f"{source}: the download does not match its manifest: {problems[0]}")
+        os.replace(local, dst)
+    return dst
+
+
+def fetch_model(name_or_path: str | None, uri: str | None, cache: Path) -> str | None:
+    """A local directory for `model.name_or_path`: MLflow URIs are downloaded once into `cache`
+    (keyed by the URI); paths and hub ids are returned as they are."""
+    if not name_or_path or not name_or_path.startswith(MODEL_URI_SCHEMES):
+        return name_or_path
+    import hashlib
+
+    key = hashlib.sha1(f"{resolve_uri(uri)} {name_or_path}".encode()).hexdigest()[:16]
+    local = Path(cache) / key
+    if not artifacts.is_complete(local):
+        log.info("downloading %s to %s", name_or_path, local)
+        download_model(name_or_path, local, uri)
+    return str(local)
+
+
+def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[str, Any]]:
+    """Rows for `tunelab runs`, newest first (stale RUNNING runs are repaired first)."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    repair_stale(client, exp.experiment_id)
+    rows = []
+    newest_first = ["attributes.start_time DESC"]
+    for run in client.search_runs([exp.experiment_id], max_results=limit, order_by=newest_first):
+        info, m = run.info, run.data.metrics
+        end = info.end_time or int(time.time() * 1000)
+        rows.append(
+            {
+                "run_id": info.run_id,
+                "name": info.run_name,
+                "status": info.status,
+                "eval_exact_match": m.get("eval_exact_match"),
+                "eval_loss": m.get("eval_loss"),
+                "duration_s": (end - info.start_time) / 1000,
+                "artifact": run.data.tags.get("tunelab.run_dir", "") + "/model",
+            }
+        )
+    return rows

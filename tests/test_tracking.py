@@ -1,0 +1,234 @@
+"""MLflow as the place runs are browsed and loaded back: a real `mlflow server` on 127.0.0.1,
+its REST API, downloads through it, and the store tools (`runs`, `export`, `generate`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import TINY, Workspace, env, tunelab
+from tests.test_train import reload_and_generate
+from tunelab import artifacts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real MLflow tracking server with proxied artifacts, on a free loopback port."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url, root
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def train_remote(ws: Workspace, url: str, *overrides: str, check: bool = True):
+    return tunelab(
+        "train", f"output.root={ws.root / 'outputs'}", f"tracking.uri={url}", *TINY,
+        "checkpoint=none", *overrides, cwd=ws.root, check=check,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def remote_run(server, tmp_path_factory):
+    url, _ = server
+    ws = Workspace(tmp_path_factory.mktemp("remote"))
+    train_remote(ws, url, "tracking.experiment=remote")
+    exp = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=remote")
+    exp_id = exp["experiment"]["experiment_id"]
+    (run,) = rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+    return url, ws, exp_id, run
+
+
+@pytest.mark.slow
+def test_server_holds_params_tags_metrics_datasets_and_the_logged_model(remote_run):
+    url, ws, exp_id, run = remote_run
+    info, data = run["info"], run["data"]
+    assert info["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in data["params"]}
+    assert params["training.max_steps"] == "8" and params["tracking.uri"] == url
+    assert int(params["model.parameters"]) > 10_000 and params["data.train_examples"] == "256"
+    tags = {t["key"]: t["value"] for t in data["tags"]}
+    assert "training.max_steps=8" in tags["tunelab.overrides"]
+    assert tags["mlflow.runName"] == info["run_name"] and tags["mlflow.note.content"]
+    assert "torch" in tags["tunelab.versions"] and tags["tunelab.host"]
+    history = rest(
+        url, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}&metric_key=loss"
+    )["metrics"]
+    assert [m["step"] for m in history] == [2, 4, 6, 8]
+    names = {d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]}
+    assert names == {"addition-2digit-train", "addition-2digit-eval"}
+    models = rest(url, "/api/2.0/mlflow/logged-models/search", {"experiment_ids": [exp_id]})
+    (model,) = models["models"]
+    assert model["info"]["name"] == "model"
+    assert model["info"]["source_run_id"] == info["run_id"]
+    assert model["info"]["status"] == "LOGGED_MODEL_READY"
+    assert {m["key"] for m in model["data"]["metrics"]} >= {"eval_loss", "eval_exact_match"}
+
+
+@pytest.mark.slow
+def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp_path):
+    url, ws, _, run = remote_run
+    run_id = run["info"]["run_id"]
+    dst = tmp_path / "exported"
+    tunelab("export", run_id, str(dst), "--uri", url, cwd=tmp_path)
+    assert artifacts.verify_manifest(dst) == []
+    (local,) = ws.run_dirs("remote")
+    assert artifacts.sha256_file(dst / "model.safetensors") == artifacts.sha256_file(
+        local / "model" / "model.safetensors"
+    )
+    reload_and_generate(dst)
+    out = tunelab("generate", run_id, "12+34=", "--uri", url, cwd=tmp_path).stdout
+    assert out.startswith("12+34=")
+    # A second export into a non-empty directory refuses, in one line.
+    again = tunelab("export", run_id, str(dst), "--uri", url, cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_finetunes_from_the_first_ones_mlflow_uri(remote_run, tmp_path):
+    url, _, _, run = remote_run
+    source = f"runs:/{run['info']['run_id']}/model"
+    ws = Workspace(tmp_path)
+    tiny = [o for o in TINY if not o.startswith("model.")]
+    tunelab(
+        "train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={url}", *tiny,
+        "checkpoint=none", "tracking.experiment=remote-ft", "model=hf",
+        f"model.name_or_path={source}", cwd=tmp_path,
+    )  # fmt: skip
+    (run_dir,) = ws.run_dirs("remote-ft")
+    manifest = artifacts.read_manifest(run_dir / "model")
+    assert manifest["base_model"] == source and manifest["step"] == 8
+    cached = list((tmp_path / "outputs" / ".cache" / "models").iterdir())
+    assert len(cached) == 1 and artifacts.verify_manifest(cached[0]) == []
+
+
+def test_unreachable_tracking_fails_fast_before_training(workspace):
+    dead = f"http://127.0.0.1:{free_port()}"
+    began = time.monotonic()
+    proc = tunelab(
+        "train", f"output.root={workspace.root / 'outputs'}", f"tracking.uri={dead}", *TINY,
+        cwd=workspace.root, check=False,
+    )  # fmt: skip
+    elapsed = time.monotonic() - began
+    assert proc.returncode == 1
+    assert f"tracking server {dead} cannot be reached" in proc.stderr
+    assert "tracking.required=false" in proc.stderr and "Traceback" not in proc.stderr
+    assert elapsed < 60  # seconds, not MLflow's minutes of HTTP retries
+    assert not list((workspace.root / "outputs").rglob("model.safetensors"))
+
+
+@pytest.mark.slow
+def test_required_false_trains_offline_and_the_same_command_uploads_later(server, workspace):
+    url, _ = server
+    dead = f"http://127.0.0.1:{free_port()}"
+    first = train_remote(workspace, dead, "tracking.required=false", "tracking.experiment=later")
+    assert "not uploaded" in first.stdout
+    (run_dir,) = workspace.run_dirs("later")
+    assert artifacts.verify_manifest(run_dir / "model") == []
+    # The store is back: the same command (now reaching it) uploads the finished artifact.
+    second = train_remote(workspace, url, "tracking.required=false", "tracking.experiment=later")
+    assert "already finished" in second.stdout
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("later")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "8"
+    (model,) = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert model.source_run_id == run.info.run_id
+    assert artifacts.read_run_record(run_dir)["mlflow_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_not_left_running(workspace):
+    longer = [o for o in TINY if not o.startswith("training.max_steps")] + [
+        "training.max_steps=400"
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", *workspace.base(), *longer, "checkpoint=none"],
+        cwd=workspace.root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    run = None
+    while run is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        # Touch the store only once the run exists (its record is written after the store is
+        # created): opening a sqlite store while another process migrates it races.
+        dirs = workspace.run_dirs()
+        run_id = artifacts.read_run_record(dirs[0]).get("mlflow_run_id") if dirs else None
+        if run_id:
+            client = MlflowClient(tracking_uri=workspace.uri)
+            if client.get_metric_history(run_id, "loss"):
+                run = client.get_run(run_id)
+    assert run is not None and run.info.status == "RUNNING"
+    proc.kill()  # kill -9: nothing in the process can report
+    proc.wait()
+    out = tunelab("runs", "--uri", workspace.uri, cwd=workspace.root).stdout
+    assert "KILLED" in out and run.info.run_id[:12] in out
+    after = MlflowClient(tracking_uri=workspace.uri).get_run(run.info.run_id)
+    assert after.info.status == "KILLED"
+    assert "ended without reporting" in after.data.tags["tunelab.error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("policy", "stored"),
+    [("all", [2, 4, 6, 8]), ("last", [8]), ("best", [4])],
+)
+def test_log_checkpoints_mirrors_the_policy_into_the_store(workspace, policy, stored):
+    # Checkpoints at 2, 4, 6, 8; evaluations at 4 and 8. mode=max on eval_loss makes step 4 the
+    # "best" (the loss falls), which only `best` should keep in the store.
+    workspace.train(
+        "checkpoint=steps", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.mode=max",
+        f"tracking.log_checkpoints={policy}",
+    )  # fmt: skip
+    client = MlflowClient(tracking_uri=workspace.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    names = [f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert sorted(names, key=lambda n: int(n.split("-")[1])) == [f"checkpoint-{s}" for s in stored]
+    for name in names:  # each stored copy is complete: its manifest came last
+        listed = client.list_artifacts(run.info.run_id, f"checkpoints/{name}")
+        files = {f.path.split("/")[-1] for f in listed}
+        assert {"manifest.json", "model.safetensors", "optimizer.pt"} <= files
+    assert "tunelab.checkpoint_upload_errors" not in run.data.tags
