@@ -142,7 +142,8 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch)
     # runs:/ID/model resolves to the logged model: one download, ready for from_pretrained.
     uri = f"runs:/{run.info.run_id}/model"
     listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=ws.uri)
-    assert {f.path.split("/")[-1] for f in listed} == EXPECTED_FILES
+    # The Hugging Face files, plus MLflow's MLmodel and the tokenizer where its flavor looks.
+    assert {f.path.split("/")[-1] for f in listed} == EXPECTED_FILES | {"MLmodel", "components"}
     dst = ws.root / "dl"
     dst.mkdir()
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=ws.uri))
@@ -151,6 +152,12 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch)
     # One copy of the weights in the store.
     weights = list((ws.root / "mlartifacts").rglob("model.safetensors"))
     assert len(weights) == 1, weights
+    # MLflow's own loader reads the same files.
+    import mlflow.transformers
+
+    pipe = mlflow.transformers.load_model(f"models:/{model.model_id}")
+    out = pipe("12+34=", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert out.startswith("12+34=")
 
 
 def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):

@@ -194,6 +194,7 @@ class MlflowTracker(NullTracker):
             model_type="transformers/causal_lm",
         )
         self.client.log_model_artifacts(model.model_id, str(local_dir))
+        self._log_transformers_flavor(model.model_id, Path(local_dir))
         now = int(time.time() * 1000)
         final = [
             Metric(_metric_key(k), float(v), now, step, model_id=model.model_id)
@@ -213,6 +214,45 @@ class MlflowTracker(NullTracker):
             return None
         self._uploader = CheckpointUploader(self, policy)
         return self._uploader.on_commit
+
+    def _log_transformers_flavor(self, model_id: str, local_dir: Path) -> None:
+        """An MLmodel file beside the Hugging Face files, so `mlflow.transformers.load_model`
+        and pyfunc load the logged model too. It points the flavor's weights at the directory
+        itself (model_binary ".") rather than a copy; only the tokenizer files (small) are
+        repeated under components/tokenizer/, where the flavor looks for them."""
+        import shutil
+        import tempfile
+
+        import transformers
+        from mlflow.models import Model
+
+        weights_and_ours = ("model.safetensors", "model-", "config.json", "generation_config.json",
+                            artifacts.CONFIG, artifacts.MANIFEST, "README.md")  # fmt: skip
+        arch = artifacts.read_json(local_dir / "config.json").get("architectures") or ["?"]
+        tok_class = artifacts.read_json(local_dir / "tokenizer_config.json").get("tokenizer_class")
+        with tempfile.TemporaryDirectory() as tmp:
+            components = Path(tmp, "components", "tokenizer")
+            components.mkdir(parents=True)
+            for file in local_dir.iterdir():
+                if file.is_file() and not file.name.startswith(weights_and_ours):
+                    shutil.copy2(file, components / file.name)
+            flavor = Model(model_id=model_id)
+            flavor.add_flavor(
+                "transformers",
+                transformers_version=transformers.__version__,
+                code=None,
+                task="text-generation",
+                instance_type="TextGenerationPipeline",
+                pipeline_model_type=arch[0],
+                source_model_name="tunelab",
+                framework="pt",
+                model_binary=".",
+                components=["tokenizer"],
+                tokenizer_type=tok_class or "PreTrainedTokenizerFast",
+            )
+            flavor.add_flavor("python_function", loader_module="mlflow.transformers")
+            flavor.save(str(Path(tmp, "MLmodel")))
+            self.client.log_model_artifacts(model_id, tmp)
 
     def start_system_metrics(self) -> None:
         """CPU, memory, disk, network (and GPU when pynvml finds one), sampled in a thread."""
