@@ -129,12 +129,17 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
 
 
 def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_json(Path(run_dir) / RUN_RECORD, record)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` to `path` atomically (a temporary sibling, fsynced, renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     _fsync_file(tmp)
-    os.replace(tmp, run_dir / RUN_RECORD)
+    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:

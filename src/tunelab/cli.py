@@ -85,23 +85,29 @@ def train(args: list[str]) -> None:
 
 
 def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
-    """One job: validate (again, for sweeps), then hand over to the runner."""
-    from hydra.core.hydra_config import HydraConfig
+    """One job: validate (again, for sweeps), then hand over to the runner. Returns the job's
+    objective, for Hydra's sweepers; in a sweep a failed job returns None (its MLflow run is
+    FAILED) so the other jobs go on."""
+    import gc
 
-    from tunelab import config
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from tunelab import config, runner, sweeps, tracking
 
     config.exit_on_problems(config.validate(cfg))
     hc = HydraConfig.get()
-    from hydra.types import RunMode
-
-    from tunelab import runner, tracking
-
-    tags = {}
-    if hc.mode == RunMode.MULTIRUN:
+    in_sweep = hc.mode == RunMode.MULTIRUN
+    tags, name = {}, None
+    if in_sweep:
+        name = config.job_name(hc.overrides.task)
         tags = {"tunelab.sweep_id": Path(hc.sweep.dir).name, "tunelab.job_num": str(hc.job.num)}
+        parent = sweeps.parent_run_id(hc.sweep.dir)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
     try:
         result = runner.run(
-            cfg, run_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task), tags=tags
+            cfg, hc.runtime.output_dir, list(hc.overrides.task), tags=tags, name=name
         )
     except config.ConfigError as exc:
         config.exit_on_problems(exc.problems)
@@ -112,6 +118,13 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+    except Exception as exc:
+        if not in_sweep:
+            raise
+        print(f"tunelab: job {hc.job.num} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    finally:
+        gc.collect()  # a sequential sweep releases each job's model and data before the next
     if not result.extra.get("already_finished"):
         print(result.summary())
     return result.objective
@@ -129,7 +142,14 @@ def runs(args: list[str]) -> None:
     parser = _parser("runs", "Recent runs, newest first.")
     parser.add_argument("--experiment", default="tunelab")
     parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--sweep", default=None, help="a sweep's parent run id or name")
     opts = parser.parse_args(args)
+    if opts.sweep:
+        from tunelab.sweeps import find_parent, summary
+
+        jobs = find_parent(opts.uri, opts.experiment, opts.sweep)
+        print(summary(jobs).replace("sweep finished, best first", f"sweep {opts.sweep}"))
+        return
     from tunelab.tracking import recent_runs
 
     rows = recent_runs(opts.uri, opts.experiment, opts.limit)

@@ -20,7 +20,7 @@ from tunelab import paths
 # Run names: the same overrides always give the same, readable, filesystem-safe name.
 
 # Overrides that do not change what is trained, so they do not change the run's directory.
-_NAME_EXCLUDED = ("resume", "tracking", "output", "training.progress_bar")
+_NAME_EXCLUDED = ("resume", "tracking", "output", "training.progress_bar", "sweep", "hydra")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 _MAX_NAME = 120
 
@@ -75,12 +75,43 @@ def run_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
 
 _FRESH_SUFFIX = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
+# Set by the sweep callback before any job starts (and inherited by launcher workers): the
+# sweep directory's name and the keys the sweep varies.
+SWEEP_ENV = "TUNELAB_SWEEP"
+
+
+def _sweep() -> dict:
+    import json
+
+    return json.loads(os.environ.get(SWEEP_ENV) or "{}")
+
+
+def sweep_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
+    """The sweep's directory: fixed once for the whole sweep (a job's own overrides would
+    otherwise re-derive it), from the sweep overrides, so the same -m command finds it again."""
+    return _sweep().get("dir_name") or run_dir_name(overrides, resume)
+
+
+def job_name(overrides: Iterable[str]) -> str:
+    """A sweep job's name: only what sets it apart from its siblings, e.g.
+    `seed-1+training.lr-0.001`."""
+    swept = set(_sweep().get("swept", []))
+    return run_name([o for o in overrides if _key(o) in swept])
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("tunelab.run_dir"):
         OmegaConf.register_new_resolver(
             "tunelab.run_dir", lambda ov, resume="auto": run_dir_name(list(ov or []), resume)
         )
+        OmegaConf.register_new_resolver(
+            "tunelab.sweep_dir", lambda ov, resume="auto": sweep_dir_name(list(ov or []), resume)
+        )
+        OmegaConf.register_new_resolver("tunelab.job_dir", lambda ov: job_name(list(ov or [])))
 
 
 _register_resolvers()
@@ -197,6 +228,12 @@ class TrackingSchema:
 
 
 @dataclass
+class SweepSchema:
+    objective: str | None = None
+    direction: str | None = _f(None, choices=["min", "max"])
+
+
+@dataclass
 class TrainSchema:
     model: ModelSchema
     data: Any  # picked by data.type, see _DATA_SCHEMAS
@@ -204,6 +241,7 @@ class TrainSchema:
     checkpoint: CheckpointSchema
     output: OutputSchema
     tracking: TrackingSchema
+    sweep: SweepSchema = field(default_factory=SweepSchema)
     seed: int = 42
     resume: str = "auto"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import artifacts, checkpoints, config, data, tracking
+from tunelab import artifacts, checkpoints, config, data, sweeps, tracking
 from tunelab import model as models
 
 log = logging.getLogger("tunelab")
@@ -44,13 +44,17 @@ class RunResult:
 
 
 def run(
-    cfg: DictConfig, run_dir: str | Path, overrides: list[str], tags: dict[str, str] | None = None
+    cfg: DictConfig,
+    run_dir: str | Path,
+    overrides: list[str],
+    tags: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> RunResult:
     """Train one model as `cfg` says (continuing from the run directory's newest valid checkpoint
     when there is one), write its artifact to `run_dir/model`, track it."""
     config.check(cfg)
     run_dir = Path(run_dir)
-    name = config.run_name(overrides)
+    name = name or config.run_name(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
         tags = tracking.run_tags(run_dir, overrides, extra=tags)
@@ -98,6 +102,13 @@ def run(
             metrics = dict(train_out.metrics)
             if eval_set is not None:
                 metrics.update(trainer.evaluate())
+            objective = sweeps.objective_name(cfg, metrics)
+            tracker.set_tags(
+                {
+                    "tunelab.objective": objective,
+                    "tunelab.objective_direction": sweeps.direction(cfg, objective),
+                }
+            )
 
             info = {
                 "run_name": name,
@@ -127,7 +138,7 @@ def run(
         metrics=metrics,
         run_id=tracker.run_id,
         ui_hint=tracker.ui_hint or _upload_hint(cfg),
-        objective=metrics.get("eval_exact_match", metrics.get("eval_loss")),
+        objective=metrics.get(objective),
     )
 
 
@@ -179,7 +190,7 @@ def _already_finished(
         artifact_dir=run_dir / "model",
         metrics=metrics,
         run_id=run_id,
-        objective=metrics.get("eval_exact_match", metrics.get("eval_loss")),
+        objective=metrics.get(sweeps.objective_name(cfg, metrics)),
         extra={"already_finished": True},
     )
 

@@ -1,0 +1,224 @@
+"""Sweeps: one MLflow parent run per multirun, one child run per job, the best job on the parent.
+
+The sweep's directory is derived from its overrides (like a run's), so the identical `-m` command
+lands in the same directory, finds `sweep.json` and attaches to the same parent run; each job's
+own `resume=auto` then skips finished jobs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tunelab import artifacts, config
+
+log = logging.getLogger("tunelab")
+
+SWEEP_RECORD = "sweep.json"
+
+
+def objective_name(cfg: Any, metrics: dict[str, float]) -> str:
+    """`sweep.objective`, else the task's own metric: exact match where there is one, else the
+    eval loss (else the train loss, for runs without an eval set)."""
+    if cfg.sweep.objective:
+        return cfg.sweep.objective
+    for name in ("eval_exact_match", "eval_loss", "train_loss"):
+        if name in metrics:
+            return name
+    return "eval_loss"
+
+
+def direction(cfg: Any, objective: str) -> str:
+    from tunelab.checkpoints import mode_for
+
+    return {"min": "minimize", "max": "maximize"}[mode_for(objective, cfg.sweep.direction)]
+
+
+def job_count(task_overrides: list[str]) -> int | None:
+    """Jobs in a grid sweep (the product of the comma-separated choices); None when a sweep
+    override is not a plain list (ranges, intervals: the sweeper decides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    counts = []
+    for override in OverridesParser.create().parse_overrides(task_overrides):
+        if override.is_sweep_override():
+            if not override.is_choice_sweep():
+                return None
+            counts.append(len(list(override.sweep_iterator())))
+    return math.prod(counts) if counts else 1
+
+
+def pin_sweep(overrides: list[str], resume: str) -> None:
+    """Fix the sweep directory's name and the keys the sweep varies, for every job (and every
+    launcher worker, which inherits the environment)."""
+    import json
+    import os
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    name = config.run_dir_name(overrides, resume)
+    os.environ[config.SWEEP_ENV] = json.dumps({"dir_name": name, "swept": swept})
+
+
+def parent_run_id(sweep_dir: str | Path) -> str | None:
+    return artifacts.read_json(Path(sweep_dir) / SWEEP_RECORD).get("parent_run_id")
+
+
+def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) -> str | None:
+    """Create the store, the experiment and the parent run before any job starts (parallel jobs
+    then never race to create them), or reattach to the parent run of an earlier attempt."""
+    from tunelab import tracking
+
+    if cfg.tracking.backend == "none":
+        return None
+    name = config.run_name(task_overrides)
+    tags = {
+        "tunelab.sweep": "parent",
+        "tunelab.sweep_overrides": " ".join(task_overrides),
+        "tunelab.sweep_dir": str(sweep_dir.resolve()),
+        "mlflow.source.name": "tunelab train -m",
+    }
+    jobs = job_count(task_overrides)
+    if jobs is not None:
+        tags["tunelab.sweep_jobs"] = str(jobs)
+    previous = parent_run_id(sweep_dir)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    parent = tracking.MlflowTracker(uri, cfg.tracking.experiment, f"sweep:{name}", tags, previous)
+    parent.describe(f"sweep over {' '.join(task_overrides)} ({jobs or '?'} jobs)")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    record = {"parent_run_id": parent.run_id, "name": name, "overrides": task_overrides}
+    artifacts.write_json(sweep_dir / SWEEP_RECORD, record)
+    return parent.run_id
+
+
+def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+    """Tag the parent with the best job and the failed ones, end it, and return the jobs
+    (best first, failed last) for the summary."""
+    from tunelab import tracking
+
+    run_id = parent_run_id(sweep_dir)
+    if cfg.tracking.backend == "none" or not run_id:
+        return []
+    client = tracking.client_for(cfg.tracking.uri)
+    jobs = children(client, run_id)
+    done = [j for j in jobs if j["objective"] is not None]
+    tags: dict[str, str] = {"tunelab.sweep_finished_jobs": str(len(done))}
+    failed = [j for j in jobs if j["status"] == "FAILED"]
+    tags["tunelab.sweep_failed_jobs"] = str(len(failed))
+    if done:
+        best = done[0]
+        tags.update(
+            {
+                "tunelab.best_run_id": best["run_id"],
+                "tunelab.best_run_name": best["name"],
+                "tunelab.best_objective": f"{best['objective_name']}={best['objective']:.6g}",
+            }
+        )
+        client.log_metric(run_id, f"best_{best['objective_name']}", best["objective"])
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, "FAILED" if jobs and not done else "FINISHED")
+    return jobs
+
+
+def children(client: Any, parent_id: str) -> list[dict[str, Any]]:
+    """The parent's child runs with their overrides and objective, best first, failed last."""
+    found = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        max_results=5000,
+    )
+    jobs = []
+    for run in found:
+        name = run.data.tags.get("tunelab.objective")
+        value = run.data.metrics.get(name) if name else None
+        jobs.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "overrides": run.data.tags.get("tunelab.overrides", ""),
+                "objective_name": name,
+                "objective": None if run.info.status != "FINISHED" else value,
+                "maximize": run.data.tags.get("tunelab.objective_direction") == "maximize",
+                "error": run.data.tags.get("tunelab.error", ""),
+            }
+        )
+    ranked = sorted(
+        (j for j in jobs if j["objective"] is not None),
+        key=lambda j: -j["objective"] if j["maximize"] else j["objective"],
+    )
+    return ranked + [j for j in jobs if j["objective"] is None]
+
+
+def find_parent(uri: str | None, experiment: str, ref: str) -> list[dict[str, Any]]:
+    """The jobs of the sweep whose parent run has id `ref`, or name `ref` / `sweep:ref`."""
+    from mlflow.exceptions import MlflowException
+
+    from tunelab import tracking
+
+    client = tracking.client_for(uri)
+    try:
+        return children(client, client.get_run(ref).info.run_id)
+    except MlflowException:
+        pass
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        for name in (ref, f"sweep:{ref}"):
+            found = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.mlflow.runName = '{name}' and tags.`tunelab.sweep` = 'parent'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if found:
+                return children(client, found[0].info.run_id)
+    raise RuntimeError(f"no sweep {ref!r} in experiment {experiment!r}")
+
+
+def summary(jobs: list[dict[str, Any]]) -> str:
+    """The sweep's jobs side by side, best first; failed jobs with their error."""
+    if not jobs:
+        return "tunelab: sweep finished (no tracked jobs)"
+    lines = ["tunelab: sweep finished, best first:"]
+    for rank, job in zip(itertools.count(1), jobs):
+        if job["objective"] is not None:
+            score = f"{job['objective_name']}={job['objective']:.4g}"
+        else:
+            score = f"{job['status']}: {job['error'][:200]}"
+        lines.append(f"  {rank:>3}. {job['name']}  ->  {score}  [{job['run_id']}]")
+    return "\n".join(lines)
+
+
+def _hydra_callback_base() -> type:
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class SweepCallback(_hydra_callback_base()):  # type: ignore[misc]
+    """Hydra callback: the parent run around a multirun."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(config.hydra.overrides.task)
+        pin_sweep(overrides, str(config.get("resume", "auto")))
+        # Hydra sets this only per job; the sweep's own paths resolve against it too.
+        HydraConfig.instance().set_config(config)
+        start_parent(config, Path(HydraConfig.get().sweep.dir), overrides)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        jobs = finish_parent(config, Path(HydraConfig.get().sweep.dir))
+        print(summary(jobs))

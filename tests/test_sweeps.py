@@ -1,0 +1,111 @@
+"""Sweeps from the command line: a parent MLflow run, one child per job, failures contained,
+and the identical -m command resuming the same sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import TINY, env, tunelab
+
+SHARED = [*TINY, "checkpoint=none"]
+
+
+def sweep(ws, *overrides: str, check: bool = True):
+    return tunelab("train", "-m", *ws.base(), *SHARED, *overrides, cwd=ws.root, check=check)
+
+
+def sweep_dir(ws):
+    (found,) = (ws.root / "outputs" / "tunelab" / "sweeps").iterdir()
+    return found
+
+
+def runs_of(ws):
+    client = MlflowClient(tracking_uri=ws.uri)
+    exp = client.get_experiment_by_name("tunelab")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, kids
+
+
+@pytest.mark.slow
+def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace):
+    proc = sweep(workspace, "training.lr=1e-3,3e-3", "seed=1,2")
+    client, (parent,), kids = runs_of(workspace)
+    assert len(kids) == 4
+    assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
+    assert sorted(k.info.run_name for k in kids) == [
+        "seed-1+training.lr-0.001", "seed-1+training.lr-0.003",
+        "seed-2+training.lr-0.001", "seed-2+training.lr-0.003",
+    ]  # fmt: skip
+    assert {(k.data.params["training.lr"], k.data.params["seed"]) for k in kids} == {
+        ("0.001", "1"), ("0.001", "2"), ("0.003", "1"), ("0.003", "2"),
+    }  # fmt: skip
+    assert all(k.data.tags["tunelab.objective"] == "eval_exact_match" for k in kids)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["tunelab.sweep_jobs"] == "4"
+    assert "training.lr=1e-3,3e-3" in parent.data.tags["tunelab.sweep_overrides"]
+    best = client.get_run(parent.data.tags["tunelab.best_run_id"])
+    top = max(k.data.metrics["eval_exact_match"] for k in kids)
+    assert best.data.metrics["eval_exact_match"] == top
+    assert parent.data.metrics["best_eval_exact_match"] == top
+    # Job directories are named after what sets each job apart, inside the sweep's directory.
+    jobs = sorted(p.name for p in sweep_dir(workspace).iterdir() if p.is_dir())
+    assert jobs == sorted(k.info.run_name for k in kids)
+    assert "sweep finished, best first" in proc.stdout
+    # `tunelab runs --sweep` lists the jobs side by side, best first.
+    out = tunelab("runs", "--sweep", parent.info.run_id, "--uri", workspace.uri, cwd=workspace.root)
+    lines = [ln for ln in out.stdout.splitlines() if "training.lr" in ln]
+    assert len(lines) == 4 and best.info.run_name in lines[0]
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_failed_in_mlflow_and_the_others_go_on(workspace):
+    # 32 dimensions do not split over 3 heads: that job fails while building its model.
+    proc = sweep(workspace, "model.arch.n_head=2,3", "seed=1")
+    assert proc.returncode == 0
+    _, (parent,), kids = runs_of(workspace)
+    status = {k.info.run_name: k.info.status for k in kids}
+    assert status == {"model.arch.n_head-2": "FINISHED", "model.arch.n_head-3": "FAILED"}
+    assert parent.data.tags["tunelab.sweep_failed_jobs"] == "1"
+    failed_line = [ln for ln in proc.stdout.splitlines() if "model.arch.n_head-3" in ln]
+    assert failed_line and "FAILED" in failed_line[0] and "divisible" in failed_line[0]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
+    longer = "training.max_steps=200"
+    args = [sys.executable, "-m", "tunelab", "train", "-m", *workspace.base(), *SHARED, longer,
+            "checkpoint=steps", "checkpoint.every=20", "seed=1,2,3"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=workspace.root, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    first = None
+    while time.monotonic() < deadline and first is None:
+        time.sleep(0.2)
+        found = list((workspace.root / "outputs").rglob("seed-1/model/manifest.json"))
+        second_ckpts = list((workspace.root / "outputs").rglob("seed-2/checkpoints/checkpoint-*"))
+        if found and second_ckpts:
+            first = found[0]
+    assert first is not None, "the first job finished and the second started"
+    proc.kill()
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    record = json.loads((sweep_dir(workspace) / "sweep.json").read_text())
+
+    rerun = tunelab("train", "-m", *workspace.base(), *SHARED, longer, "checkpoint=steps",
+                    "checkpoint.every=20", "seed=1,2,3", cwd=workspace.root)  # fmt: skip
+    assert first.stat().st_mtime_ns == stamp  # the finished job was not trained again
+    assert "already finished" in rerun.stdout
+    assert "resuming from" in rerun.stderr + rerun.stdout
+    client, parents, kids = runs_of(workspace)
+    assert [p.info.run_id for p in parents] == [record["parent_run_id"]]
+    assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2", "seed-3"]
+    assert {k.info.status for k in kids} == {"FINISHED"}
+    assert parents[0].info.status == "FINISHED"
