@@ -27,6 +27,7 @@ def test_default_config_composes_and_validates():
     "overrides",
     [
         ["experiment=addition_small"],
+        ["experiment=lr_batch_grid"],
         ["checkpoint=epoch"],
         ["checkpoint=none"],
         ["checkpoint=best", "checkpoint.metric=eval_exact_match"],

@@ -35,8 +35,13 @@ def runs_of(ws):
 
 
 @pytest.mark.slow
-def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace):
-    proc = sweep(workspace, "training.lr=1e-3,3e-3", "seed=1,2")
+@pytest.mark.parametrize(
+    "launcher",
+    [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+    ids=["basic", "joblib-2-workers"],
+)
+def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace, launcher):
+    proc = sweep(workspace, "training.lr=1e-3,3e-3", "seed=1,2", *launcher)
     client, (parent,), kids = runs_of(workspace)
     assert len(kids) == 4
     assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
@@ -63,6 +68,14 @@ def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace):
     out = tunelab("runs", "--sweep", parent.info.run_id, "--uri", workspace.uri, cwd=workspace.root)
     lines = [ln for ln in out.stdout.splitlines() if "training.lr" in ln]
     assert len(lines) == 4 and best.info.run_name in lines[0]
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_jobs_as_child_runs(workspace):
+    sweep(workspace, "seed=1,2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    _, (parent,), kids = runs_of(workspace)
+    assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2"]
+    assert {k.info.status for k in kids} == {"FINISHED"} and parent.info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -53,6 +53,12 @@ def job_count(task_overrides: list[str]) -> int | None:
     return math.prod(counts) if counts else 1
 
 
+def sweep_overrides(cfg: DictConfig) -> list[str]:
+    """The command line's overrides plus the sweeper's `params` (a preset's search space)."""
+    params = cfg.hydra.sweeper.get("params") or {}
+    return [*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+
+
 def pin_sweep(overrides: list[str], resume: str) -> None:
     """Fix the sweep directory's name and the keys the sweep varies, for every job (and every
     launcher worker, which inherits the environment)."""
@@ -210,7 +216,7 @@ class SweepCallback(_hydra_callback_base()):  # type: ignore[misc]
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(config.hydra.overrides.task)
+        overrides = sweep_overrides(config)
         pin_sweep(overrides, str(config.get("resume", "auto")))
         # Hydra sets this only per job; the sweep's own paths resolve against it too.
         HydraConfig.instance().set_config(config)
