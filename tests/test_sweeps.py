@@ -122,3 +122,24 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
     assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2", "seed-3"]
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_optuna_search_trials_are_child_runs_and_the_study_resumes(workspace):
+    search = ["hparams_search=addition_optuna", "hydra.sweeper.n_trials=3"]
+    sweep(workspace, *search)
+    client, (parent,), kids = runs_of(workspace)
+    assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
+    lrs = [float(k.data.params["training.lr"]) for k in kids]
+    assert len(set(lrs)) == 3 and all(3e-4 <= lr <= 1e-2 for lr in lrs)
+    assert {k.data.params["training.batch_size"] for k in kids} <= {"32", "64", "128"}
+    best = client.get_run(parent.data.tags["tunelab.best_run_id"])
+    assert best.data.metrics["eval_exact_match"] == max(
+        k.data.metrics["eval_exact_match"] for k in kids
+    )
+    assert (sweep_dir(workspace) / "optuna.db").is_file()
+    # The same command again: the study already has its 3 trials; nothing new is trained.
+    again = sweep(workspace, *search)
+    _, parents, kids_after = runs_of(workspace)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]
+    assert len(kids_after) == 3 and "Launching" not in again.stdout

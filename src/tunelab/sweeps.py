@@ -97,7 +97,9 @@ def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) ->
     previous = parent_run_id(sweep_dir)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
-    parent = tracking.MlflowTracker(uri, cfg.tracking.experiment, f"sweep:{name}", tags, previous)
+    parent = tracking.MlflowTracker(
+        uri, cfg.tracking.experiment, f"sweep:{name}", tags, previous, reopen_finished=True
+    )
     parent.describe(f"sweep over {' '.join(task_overrides)} ({jobs or '?'} jobs)")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record = {"parent_run_id": parent.run_id, "name": name, "overrides": task_overrides}

@@ -108,15 +108,17 @@ class MlflowTracker(NullTracker):
         run_name: str,
         tags: dict[str, str],
         previous_run_id: str | None = None,
+        reopen_finished: bool = False,
     ) -> None:
         """Continue `previous_run_id` when the store still has it unfinished (a resumed run keeps
-        its run id, status back to RUNNING); otherwise create a new run."""
+        its run id, status back to RUNNING), or even finished with `reopen_finished` (a sweep's
+        parent); otherwise create a new run."""
         from mlflow import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = _experiment_id(self.client, experiment, artifact_root(uri))
-        run = _unfinished_run(self.client, previous_run_id, self.experiment_id)
+        run = _unfinished_run(self.client, previous_run_id, self.experiment_id, reopen_finished)
         self.continued = run is not None
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -306,7 +308,9 @@ def _logged_models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
     return [m for m in found if m.source_run_id == run_id]
 
 
-def _unfinished_run(client: Any, run_id: str | None, experiment_id: str) -> Any:
+def _unfinished_run(
+    client: Any, run_id: str | None, experiment_id: str, reopen_finished: bool = False
+) -> Any:
     from mlflow.exceptions import MlflowException
 
     if not run_id:
@@ -316,7 +320,7 @@ def _unfinished_run(client: Any, run_id: str | None, experiment_id: str) -> Any:
     except MlflowException:
         return None
     ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
-    return run if ok and run.info.status != "FINISHED" else None
+    return run if ok and (reopen_finished or run.info.status != "FINISHED") else None
 
 
 class CheckpointUploader:
