@@ -125,6 +125,14 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
         return None
     finally:
         gc.collect()  # a sequential sweep releases each job's model and data before the next
+        if in_sweep:
+            import logging
+
+            import psutil
+
+            rss = psutil.Process().memory_info().rss / 2**20
+            log = logging.getLogger("tunelab")
+            log.info("job %d released: process RSS %.1f MiB", hc.job.num, rss)
     if not result.extra.get("already_finished"):
         print(result.summary())
     return result.objective
