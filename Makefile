@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: install train test test-fast lint format ui clean
+.PHONY: install train test test-fast lint format ui bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ format: install
 
 ui: install
 	$(VENV)/bin/tunelab ui $(ARGS)
+
+bench: install
+	$(PY) benchmarks/bench.py $(ARGS)
+
+bench-full: install
+	$(PY) benchmarks/bench.py --full $(ARGS)
 
 clean:
 	rm -rf outputs multirun mlflow.db mlartifacts .pytest_cache
