@@ -107,6 +107,54 @@ def throughput(full: bool, reps: int, steps: int) -> dict:
     }
 
 
+def checkpoint_stall(full: bool, reps: int) -> dict:
+    """Seconds the training loop is blocked by one checkpoint of the same state (weights plus
+    Adam state): plain Trainer's synchronous save, tunelab's (commit with fsync and manifest),
+    and an in-memory copy of the state (the floor an asynchronous save could reach)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from tunelab import checkpoints, config, data
+    from tunelab import model as models
+
+    overrides = model_overrides(full) + ["training.max_steps=2"]
+    cfg = config.compose([*overrides, "checkpoint=steps", "checkpoint.every=1000"])
+    rows = data.load(cfg.data)
+    tok = models.load_tokenizer(cfg.model, rows.texts())
+    train = data.tokenize(rows.train[:256], tok, cfg.data.max_length)
+    results: dict[str, list[float]] = {"plain_trainer_s": [], "tunelab_s": [], "memory_copy_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cls in (("plain_trainer_s", Trainer),
+                          ("tunelab_s", checkpoints.trainer_class(cfg.checkpoint))):  # fmt: skip
+            model = models.load_model(cfg.model, tok)
+            args = TrainingArguments(
+                output_dir=str(Path(tmp) / name), max_steps=2, report_to="none", use_cpu=True,
+                per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True,
+                dataloader_pin_memory=False,
+            )  # fmt: skip
+            collate = data.collator(tok)
+            trainer = cls(model=model, args=args, train_dataset=train, data_collator=collate)
+            trainer.train()  # optimizer state exists now
+            for rep in range(reps):
+                trainer.state.global_step = 100 + rep
+                began = time.perf_counter()
+                trainer._save_checkpoint(trainer.model, trial=None)
+                results[name].append(time.perf_counter() - began)
+            if name == "tunelab_s":
+                for _ in range(reps):
+                    began = time.perf_counter()
+                    state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+                    opt = trainer.optimizer.state_dict()["state"]
+                    state.update({f"opt.{k}.{n}": t.clone() for k, s in opt.items()
+                                  for n, t in s.items() if torch.is_tensor(t)})  # fmt: skip
+                    results["memory_copy_s"].append(time.perf_counter() - began)
+    out = {k: statistics.median(v) for k, v in results.items()}
+    out["ratio_tunelab_vs_plain"] = out["tunelab_s"] / out["plain_trainer_s"]
+    out["ratio_tunelab_vs_memory_copy"] = out["tunelab_s"] / out["memory_copy_s"]
+    out["targets"] = {"ratio_tunelab_vs_plain": "<= 0.2", "ratio_tunelab_vs_memory_copy": "<= 2"}
+    return out
+
+
 def cli_latency(reps: int) -> dict:
     import subprocess
 
@@ -139,10 +187,12 @@ def main() -> None:
     report["cli_latency"] = cli_latency(reps=3)
     print("throughput: plain Trainer vs tunelab (tracking + a checkpoint every 10 steps) ...")
     report["throughput"] = throughput(opts.full, reps, steps)
+    print("checkpoint stall: plain Trainer vs tunelab vs an in-memory copy ...", flush=True)
+    report["checkpoint_stall"] = checkpoint_stall(opts.full, reps=3)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["| measure | value | target |", "| --- | --- | --- |"]
-    for section in ("cli_latency", "throughput"):
+    for section in ("cli_latency", "throughput", "checkpoint_stall"):
         targets = report[section].get("targets", {})
         for key, value in report[section].items():
             if key != "targets":
