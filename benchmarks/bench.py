@@ -155,6 +155,72 @@ def checkpoint_stall(full: bool, reps: int) -> dict:
     return out
 
 
+def tracking_and_artifacts(full: bool, reps: int, step_s: float) -> dict:
+    """Per-step metric logging against a step's time; logging the artifact into a local store
+    against `cp -r` of the same bytes; loading it back against torch.load of a pickle."""
+    import shutil
+    import subprocess
+
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from tunelab import artifacts, config, data, tracking
+    from tunelab import model as models
+
+    cfg = config.compose(model_overrides(full))
+    rows = data.load(cfg.data)
+    tok = models.load_tokenizer(cfg.model, rows.texts())
+    model = models.load_model(cfg.model, tok)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        uri = f"sqlite:///{root / 'm.db'}"
+        tracker = tracking.MlflowTracker(uri, "bench", "bench", {})
+        logs = {"loss": 1.0, "learning_rate": 1e-3, "grad_norm": 0.5, "epoch": 0.1}
+        began = time.perf_counter()
+        for step in range(200):
+            tracker.log_metrics(logs, step)
+        per_call = (time.perf_counter() - began) / 200
+        tracker.flush()
+        out["log_metrics_per_step_s"] = per_call
+        out["ratio_logging_vs_step_time"] = per_call / step_s
+
+        art = artifacts.save_final(root / "model", model, tok, OmegaConf.to_yaml(cfg), {"step": 0})
+        log_t, cp_t, load_t, pickle_t = [], [], [], []
+        torch.save(model.state_dict(), root / "weights.pt")
+        for rep in range(reps):
+            began = time.perf_counter()
+            tracker.log_model(art, {"eval_loss": 1.0}, rep)
+            log_t.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            subprocess.run(["cp", "-r", str(art), str(root / f"copy{rep}")], check=True)
+            cp_t.append(time.perf_counter() - began)
+            shutil.rmtree(root / f"copy{rep}")
+            began = time.perf_counter()
+            AutoModelForCausalLM.from_pretrained(art)
+            load_t.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            torch.load(root / "weights.pt", weights_only=True)
+            pickle_t.append(time.perf_counter() - began)
+        tracker.finish("FINISHED")
+    med = statistics.median
+    out.update(
+        {
+            "log_artifact_s": med(log_t),
+            "cp_same_bytes_s": med(cp_t),
+            "ratio_log_artifact_vs_cp": med(log_t) / med(cp_t),
+            "from_pretrained_s": med(load_t),
+            "torch_load_pickle_s": med(pickle_t),
+        }
+    )
+    out["targets"] = {
+        "ratio_logging_vs_step_time": "<= 0.02",
+        "ratio_log_artifact_vs_cp": "<= 1.5",
+    }
+    return out
+
+
 def cli_latency(reps: int) -> dict:
     import subprocess
 
@@ -189,10 +255,13 @@ def main() -> None:
     report["throughput"] = throughput(opts.full, reps, steps)
     print("checkpoint stall: plain Trainer vs tunelab vs an in-memory copy ...", flush=True)
     report["checkpoint_stall"] = checkpoint_stall(opts.full, reps=3)
+    print("tracking overhead, artifact logging and loading ...", flush=True)
+    step_s = 1 / report["throughput"]["plain_steps_per_s"]
+    report["tracking_and_artifacts"] = tracking_and_artifacts(opts.full, reps=3, step_s=step_s)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["| measure | value | target |", "| --- | --- | --- |"]
-    for section in ("cli_latency", "throughput", "checkpoint_stall"):
+    for section in ("cli_latency", "throughput", "checkpoint_stall", "tracking_and_artifacts"):
         targets = report[section].get("targets", {})
         for key, value in report[section].items():
             if key != "targets":
