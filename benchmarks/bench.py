@@ -265,7 +265,7 @@ def main() -> None:
         targets = report[section].get("targets", {})
         for key, value in report[section].items():
             if key != "targets":
-                lines.append(f"| {section}.{key} | {value:.3f} | {targets.get(key, '')} |")
+                lines.append(f"| {section}.{key} | {value:.4g} | {targets.get(key, '')} |")
     (RESULTS / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"written: {RESULTS / 'report.json'}, {RESULTS / 'report.md'}")
