@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -161,6 +162,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in _LIBRARIES:
@@ -169,6 +171,7 @@ def versions() -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def git_state(cwd: Path | None = None) -> dict[str, Any]:
     """The commit and dirty flag of the checkout tunelab is run from, if it is one."""
 

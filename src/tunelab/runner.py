@@ -56,10 +56,10 @@ def run(
     run_dir = Path(run_dir)
     name = name or config.run_name(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
     if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
         tags = tracking.run_tags(run_dir, overrides, extra=tags)
         return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
-    record = _claim(run_dir, resolved)
     resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
 
     # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
@@ -68,7 +68,12 @@ def run(
     stopper = checkpoints.stop_on_signal()
     stopper.install()
     try:
-        tracker = tracking.start(cfg, name, tags, resolved, overrides, record.get("mlflow_run_id"))
+        previous = record.get("mlflow_run_id")
+        tracker = (
+            tracking.start(cfg, name, tags, resolved, overrides, previous)
+            if main_process
+            else tracking.NullTracker()
+        )
         if main_process:
             artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
         with tracking.recording(tracker):
@@ -97,8 +102,8 @@ def run(
             train_out = trainer.train(
                 resume_from_checkpoint=str(resume_from) if resume_from else None
             )
-            if stopper.received:  # a checkpoint was written at the step boundary
-                raise checkpoints.Interrupted(stopper.received)
+            if stopper.received and trainer.state.global_step < trainer.state.max_steps:
+                raise checkpoints.Interrupted(stopper.received)  # checkpointed at the step boundary
             metrics = dict(train_out.metrics)
             if eval_set is not None:
                 metrics.update(trainer.evaluate())

@@ -351,6 +351,8 @@ class CheckpointUploader:
 
     def _upload(self, path: Path) -> None:
         name = path.name
+        if not path.is_dir():  # rotated away locally before its turn came: nothing to mirror
+            return
         try:
             files = sorted(p for p in path.rglob("*") if p.is_file())
             files.sort(key=lambda p: p.name == artifacts.MANIFEST)  # the manifest last
@@ -419,11 +421,14 @@ class TrackingUnavailable(RuntimeError):
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not after MLflow's minutes of retries, when a server is down."""
     if uri.startswith(("http://", "https://")):
+        import urllib.error
         import urllib.request
 
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
                 pass
+        except urllib.error.HTTPError:
+            return  # the server answered (an auth proxy, a path it does not serve): it is up
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailable(
@@ -710,6 +715,13 @@ def fetch_model(name_or_path: str | None, uri: str | None, cache: Path) -> str |
     return str(local)
 
 
+def _artifact_of(tags: dict[str, str]) -> str:
+    """Where a run's artifact is on disk: `<run dir>/model`, or a sweep parent's directory."""
+    if "tunelab.run_dir" in tags:
+        return tags["tunelab.run_dir"] + "/model"
+    return tags.get("tunelab.sweep_dir", "-")
+
+
 def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[str, Any]]:
     """Rows for `tunelab runs`, newest first (stale RUNNING runs are repaired first)."""
     client = client_for(uri)
@@ -730,7 +742,7 @@ def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[
                 "eval_exact_match": m.get("eval_exact_match"),
                 "eval_loss": m.get("eval_loss"),
                 "duration_s": (end - info.start_time) / 1000,
-                "artifact": run.data.tags.get("tunelab.run_dir", "") + "/model",
+                "artifact": _artifact_of(run.data.tags),
             }
         )
     return rows
