@@ -103,7 +103,9 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
     while time.monotonic() < deadline and first is None:
         time.sleep(0.2)
         found = list((workspace.root / "outputs").rglob("seed-1/model/manifest.json"))
-        second_ckpts = list((workspace.root / "outputs").rglob("seed-2/checkpoints/checkpoint-*"))
+        # A *committed* checkpoint of the second job (its manifest is written last).
+        pattern = "seed-2/checkpoints/checkpoint-*/manifest.json"
+        second_ckpts = list((workspace.root / "outputs").rglob(pattern))
         if found and second_ckpts:
             first = found[0]
     assert first is not None, "the first job finished and the second started"
