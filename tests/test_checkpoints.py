@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import TINY, env
-from tunelab import artifacts, checkpoints
+from tunelab import artifacts, checkpoints, snapshots
 
 LONGER = [o for o in TINY if not o.startswith("training.max_steps")] + ["training.max_steps=60"]
 CKPT = ["checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
@@ -58,7 +58,7 @@ def writing_a_checkpoint(ws) -> bool:
     """A checkpoint directory exists whose manifest is not written yet."""
     root = ckpt_root(ws)
     return root.is_dir() and any(
-        p.name.startswith("checkpoint-") and not (p / "manifest.json").exists()
+        p.name.startswith(("checkpoint-", ".checkpoint-")) and not (p / "manifest.json").exists()
         for p in root.iterdir()
     )
 
@@ -183,7 +183,7 @@ def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
     # Truncated weights in the newest, an edited optimizer file in the next.
     weights = root / "checkpoint-12" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    optimizer = root / "checkpoint-8" / "optimizer.pt"
+    optimizer = root / "checkpoint-8" / "optimizer.safetensors"
     blob = bytearray(optimizer.read_bytes())
     blob[-10] ^= 0xFF
     optimizer.write_bytes(bytes(blob))
@@ -225,7 +225,13 @@ def test_checkpoints_hold_no_full_pickle_and_load_for_inference(workspace):
         ckpt = root / f"checkpoint-{step}"
         names = {p.name for p in ckpt.iterdir()}
         assert "training_args.bin" not in names and "training_args.json" in names
-        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= names
+        assert {
+            "model.safetensors",
+            "optimizer.safetensors",
+            "scheduler.json",
+            "rng_state.pth",
+        } <= names
+        assert not names & {"optimizer.pt", "scheduler.pt"}
         assert {"trainer_state.json", "manifest.json", "tokenizer.json"} <= names
         manifest = json.loads((ckpt / "manifest.json").read_text())
         assert manifest["step"] == step and "eval_loss" in manifest["metrics"]
@@ -308,3 +314,155 @@ def test_a_directory_made_by_another_config_is_not_resumed(workspace):
     assert proc.returncode == 2
     assert "holds a run of a different config" in proc.stderr
     assert not (run_dir / "model").exists()
+
+
+def _train_in_process(root: Path, *overrides: str) -> Path:
+    from tunelab import config, runner
+
+    every = ["checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=3", "tracking=none"]
+    overrides = (*TINY, "training.max_steps=12", *every, *overrides)
+    cfg = config.compose([*overrides, f"output.root={root}"])
+    runner.run(cfg, root / "run", list(overrides))
+    return root / "run" / "checkpoints"
+
+
+def test_background_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypatch):
+    """Written in the background while training goes on (each write held back 0.3 s, so several
+    steps change the weights meanwhile), a checkpoint still holds exactly its own step's state:
+    the same tensors as Trainer's synchronous write, and it resumes."""
+    import torch
+    from safetensors.torch import load_file
+
+    sync = _train_in_process(tmp_path / "sync", "checkpoint.async_write=false")
+    monkeypatch.setenv("TUNELAB_TEST_COMMIT_DELAY", "0.3")
+    background = _train_in_process(tmp_path / "async")
+    assert committed_steps_of(background) == committed_steps_of(sync) == [4, 8, 12]
+    assert not list(background.glob(".*")), "no .partial directory left behind"
+    for step in (4, 8, 12):
+        a, b = sync / f"checkpoint-{step}", background / f"checkpoint-{step}"
+        assert artifacts.verify_manifest(b) == []
+        renamed = {"optimizer.pt": "optimizer.safetensors", "scheduler.pt": "scheduler.json"}
+        assert sorted(renamed.get(p.name, p.name) for p in a.iterdir()) == sorted(
+            p.name for p in b.iterdir()
+        )
+        sched_a = torch.load(a / "scheduler.pt", weights_only=True)
+        assert snapshots.load_scheduler(b) == sched_a
+        weights_a, weights_b = (
+            load_file(a / "model.safetensors"),
+            load_file(b / "model.safetensors"),
+        )
+        assert weights_a.keys() == weights_b.keys()
+        for key in weights_a:
+            assert torch.equal(weights_a[key], weights_b[key]), (step, key)
+        # Trainer's synchronous write pickles the optimizer; the background one writes safetensors.
+        opt_a = torch.load(a / "optimizer.pt", weights_only=True)
+        opt_b = snapshots.load_optimizer(b)
+        assert opt_a["param_groups"] == opt_b["param_groups"]
+        for index, state in opt_a["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, opt_b["state"][index][name]), (step, index, name)
+        assert json.loads((b / "trainer_state.json").read_text())["global_step"] == step
+        for name in ("config.json", "generation_config.json", "tokenizer.json"):
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text())
+        assert artifacts.read_manifest(b)["metrics"]["eval_loss"] == pytest.approx(
+            artifacts.read_manifest(a)["metrics"]["eval_loss"], rel=1e-6
+        )
+
+
+def committed_steps_of(root: Path) -> list[int]:
+    return sorted(checkpoints.step_of(p) for p in checkpoints.committed(root))
+
+
+def test_a_failed_background_write_stops_the_run_and_keeps_older_checkpoints(tmp_path):
+    """The writer thread's error surfaces in the training loop (not lost in a thread), and the
+    checkpoint it was writing never looks complete."""
+    writer = snapshots.BackgroundWriter()
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 2, 0.5)
+
+    def fail() -> None:
+        partial = checkpoints.partial_dir(root, 4)
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    writer.start(fail, "checkpoint-4")
+    with pytest.raises(snapshots.CheckpointWriteFailed, match="No space left on device"):
+        writer.wait()
+    writer.wait()  # reported once
+    assert committed_steps_of(root) == [2]
+    checkpoints.clean_incomplete(root)
+    assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("how", ["direct", "buffered"])
+def test_a_staged_file_is_plain_safetensors_and_its_checksum_matches(tmp_path, how, monkeypatch):
+    """The optimizer and weights files are written from a staged image (O_DIRECT where the
+    system offers it, buffered where not): safetensors reads them back exactly, and the
+    checksum taken from memory is the file's."""
+    import torch
+    from safetensors import safe_open
+
+    if how == "buffered":
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)  # as on macOS
+    tensors = {
+        "a": torch.randn(3, 1000),
+        "b.half": torch.randn(7).to(torch.bfloat16),
+        "c.step": torch.tensor(5.0),
+        "d.ids": torch.arange(13, dtype=torch.int64),
+        "e.mask": torch.tensor([True, False, True]),
+    }
+    snap = snapshots.Snapshot()
+    sizes = []
+    # A longer header fits the room left for it, then one outgrows it (new staged memory).
+    for round_, pad in enumerate([0, 100, 20000]):
+        meta = {"round": str(round_), "pad": "x" * pad}
+        staged = snap.stage("f", tensors, meta)
+        sizes.append(staged.data_start)
+        path = tmp_path / f"f{round_}.safetensors"
+        digest = staged.write(path)
+        assert digest == artifacts.file_digest(path, "xxh3_128")
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata() == meta
+            assert sorted(f.keys()) == sorted(tensors)
+            for key, value in tensors.items():
+                assert torch.equal(f.get_tensor(key), value), key
+        tensors = {k: v + 1 if v.dtype != torch.bool else ~v for k, v in tensors.items()}
+    assert sizes[0] == sizes[1] < sizes[2]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: room for two checkpoints of the tiny model, not three. Needs mount rights
+    (root with CAP_SYS_ADMIN, as on the project's machines); skipped otherwise."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()})")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_disk):
+    args = [f"output.root={small_disk}", f"tracking.uri={workspace.uri}", *LONGER, *CKPT]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", *args],
+        cwd=workspace.root, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("tunelab:")]  # noqa: E741
+    assert "No space left on device" in line and "Older checkpoints are intact" in line
+    (run_dir,) = (small_disk / "tunelab").iterdir()
+    root = run_dir / "checkpoints"
+    kept = checkpoints.committed(root)
+    assert len(kept) == 2
+    assert all(artifacts.verify_manifest(p) == [] for p in kept)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # partial removed
+    assert not (run_dir / "model").exists()
+    _, run = the_run(workspace)
+    assert run.info.status == "FAILED"
+    assert "No space left on device" in run.data.tags["tunelab.error"]

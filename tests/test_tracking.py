@@ -230,5 +230,5 @@ def test_log_checkpoints_mirrors_the_policy_into_the_store(workspace, policy, st
     for name in names:  # each stored copy is complete: its manifest came last
         listed = client.list_artifacts(run.info.run_id, f"checkpoints/{name}")
         files = {f.path.split("/")[-1] for f in listed}
-        assert {"manifest.json", "model.safetensors", "optimizer.pt"} <= files
+        assert {"manifest.json", "model.safetensors", "optimizer.safetensors"} <= files
     assert "tunelab.checkpoint_upload_errors" not in run.data.tags

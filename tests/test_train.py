@@ -149,9 +149,11 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=ws.uri))
     assert artifacts.verify_manifest(local) == []
     reload_and_generate(local)
-    # One copy of the weights in the store.
-    weights = list((ws.root / "mlartifacts").rglob("model.safetensors"))
-    assert len(weights) == 1, weights
+    # One copy of the weights in the store, and, the store being on the same filesystem, it is
+    # a hard link to the run directory's (read-only) file: no second copy on disk at all.
+    (weights,) = list((ws.root / "mlartifacts").rglob("model.safetensors"))
+    assert weights.samefile(run_dir / "model" / "model.safetensors")
+    assert all(not (f.stat().st_mode & 0o222) for f in (run_dir / "model").iterdir())
     # MLflow's own loader reads the same files.
     import mlflow.transformers
 

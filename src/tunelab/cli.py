@@ -93,7 +93,7 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tunelab import config, runner, sweeps, tracking
+    from tunelab import config, runner, snapshots, sweeps, tracking
 
     config.exit_on_problems(config.validate(cfg))
     hc = HydraConfig.get()
@@ -118,6 +118,11 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+    except snapshots.CheckpointWriteFailed as exc:  # disk full, permissions: no traceback
+        print(f"tunelab: {exc} Fix that and run the same command again to resume.", file=sys.stderr)
+        if not in_sweep:
+            raise SystemExit(1) from None
+        return None
     except Exception as exc:
         if not in_sweep:
             raise

@@ -210,6 +210,7 @@ class CheckpointSchema:
     metric: str | None = None
     mode: str | None = _f(None, choices=["min", "max"])
     keep_best: bool = True
+    async_write: bool = True
 
 
 @dataclass

@@ -186,8 +186,9 @@ class MlflowTracker(NullTracker):
         with the final metrics linked to it. Returns the model id."""
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
-        for old in _logged_models(self.client, self.experiment_id, self.run_id):
-            self.client.delete_logged_model(old.model_id)  # a half-finished earlier upload
+        if self.continued:  # only an earlier process of this run can have left one
+            for old in _logged_models(self.client, self.experiment_id, self.run_id):
+                self.client.delete_logged_model(old.model_id)  # a half-finished upload
         model = self.client.create_logged_model(
             self.experiment_id,
             name="model",
@@ -195,7 +196,8 @@ class MlflowTracker(NullTracker):
             tags={"tunelab.format": "huggingface", "tunelab.loader": "AutoModelForCausalLM"},
             model_type="transformers/causal_lm",
         )
-        self.client.log_model_artifacts(model.model_id, str(local_dir))
+        if not _link_into(model.artifact_location, Path(local_dir)):
+            self.client.log_model_artifacts(model.model_id, str(local_dir))
         self._log_transformers_flavor(model.model_id, Path(local_dir))
         now = int(time.time() * 1000)
         final = [
@@ -387,6 +389,32 @@ class CheckpointUploader:
             self.tracker.set_tags(
                 {"tunelab.checkpoint_upload_errors": "; ".join(self.errors)[:5000]}
             )
+
+
+def _link_into(artifact_uri: str, source: Path) -> bool:
+    """Hard-link the files of `source` into a local (`file:`) artifact location: the store holds
+    the artifact without a second copy of the weights, in no time. False, with nothing left
+    behind, when the location is not local or not on the same filesystem: then it is copied.
+    The artifact's files are read-only (artifacts.save_final), so neither side is edited in
+    place."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if not artifact_uri.startswith("file:"):
+        return False
+    dest = Path(local_file_uri_to_path(artifact_uri))
+    linked: list[Path] = []
+    try:
+        for file in sorted(p for p in source.rglob("*") if p.is_file()):
+            target = dest / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(file, target)
+            linked.append(target)
+    except OSError as exc:  # another filesystem (EXDEV), no hard links, or a clash
+        log.debug("cannot hard-link the artifact into %s (%s); copying", dest, exc)
+        for target in linked:
+            target.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _metric_key(key: str) -> str:
