@@ -32,12 +32,15 @@ def test_default_config_composes_and_validates():
         ["checkpoint=none"],
         ["checkpoint=best", "checkpoint.metric=eval_exact_match"],
         ["tracking=none"],
-        ["model=hf", "model.name_or_path=/some/dir"],
-        ["data=text_files", "data.train=train.jsonl"],
+        ["model=hf", "model.name_or_path={tmp}/model"],
+        ["data=text_files", "data.train={tmp}/train.jsonl"],
     ],
 )
-def test_presets_compose_and_validate(overrides):
-    cfg = config.compose(overrides)
+def test_presets_compose_and_validate(overrides, tmp_path):
+    (tmp_path / "model").mkdir()
+    for name in ("model/config.json", "model/model.safetensors", "train.jsonl"):
+        (tmp_path / name).write_text("{}")
+    cfg = config.compose([o.format(tmp=tmp_path) for o in overrides])
     assert config.validate(cfg) == [], overrides
 
 

@@ -66,6 +66,10 @@ def train(args: list[str]) -> None:
     """Run Hydra's app with `args` exactly as if they followed a Hydra script's name."""
     import hydra
 
+    from tunelab import config
+
+    # Every job's config, before Hydra creates anything: one line per problem, exit 2.
+    config.exit_on_problems(config.preflight(args))
     os.environ.setdefault("TUNELAB_EXPERIMENTS_DIR", str(paths.experiments_dir()))
     app = hydra.main(config_path=str(paths.conf_dir()), config_name="train", version_base="1.3")(
         train_job

@@ -152,6 +152,7 @@ class ModelSchema:
     arch: dict | None = None
     tokenizer_vocab_size: int = _f(0, min=0)
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -162,6 +163,7 @@ class AdditionDataSchema:
     eval_size: int = _f(500, min=0)
     seed: int = 1234
     max_length: int = _f(32, min=2)
+    truncate: bool = True
 
 
 @dataclass
@@ -175,6 +177,7 @@ class FilesDataSchema:
     completion_column: str = "completion"
     seed: int = 1234
     max_length: int = _f(128, min=2)
+    truncate: bool = True
 
 
 @dataclass
@@ -369,11 +372,108 @@ def _check_combinations(c: dict, problems: list[str]) -> None:
             f"tracking.log_checkpoints={uploads}: there are no checkpoints with checkpoint=none; "
             "use checkpoint=steps|epoch|best or tracking.log_checkpoints=none"
         )
+    metric = ck.get("metric")
+    if metric and (ck["strategy"] == "best" or ck.get("keep_best") or uploads == "best"):
+        name = metric if metric.startswith("eval_") else f"eval_{metric}"
+        if name not in _TASK_METRICS:
+            problems.append(
+                f"checkpoint.metric: {metric!r} is not produced by this task; "
+                f"one of {', '.join(_TASK_METRICS)}"
+            )
     if uploads == "best" and not ck.get("metric"):
         problems.append("tracking.log_checkpoints=best: needs checkpoint.metric (e.g. eval_loss)")
     resume = c.get("resume", "auto")
     if resume not in ("auto", "never") and not Path(resume).exists():
         problems.append(f"resume: {resume!r} is not auto, never or an existing checkpoint path")
+    positions = (model.get("arch") or {}).get("n_positions")
+    if positions and not model.get("name_or_path") and data["max_length"] > positions:
+        problems.append(
+            f"data.max_length: {data['max_length']} is longer than the model's "
+            f"model.arch.n_positions={positions}; lower it or raise n_positions"
+        )
+    if model.get("name_or_path"):
+        problems.extend(_model_source_problems(model))
+    if data.get("type") == "files":
+        for key in ("train", "eval"):
+            path = data.get(key)
+            if path and path != "???" and not Path(path).expanduser().is_file():
+                problems.append(f"data.{key}: {path} does not exist (a .jsonl, .json or .txt file)")
+    problems.extend(_output_problems(c["output"]["root"]))
+
+
+_MODEL_URIS = ("runs:/", "models:/")
+# What evaluation reports (data.metrics_fn): exact match needs prompt/completion rows.
+_TASK_METRICS = ("eval_loss", "eval_token_accuracy", "eval_exact_match")
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
+
+
+def _model_source_problems(model: dict) -> list[str]:
+    """A local model directory must hold safetensors weights (pickle only with allow_pickle);
+    a hub id needs the hub, which is named plainly when offline."""
+    source = str(model["name_or_path"])
+    if source.startswith(_MODEL_URIS):
+        return []
+    path = Path(source).expanduser()
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if not any(
+            n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names
+        ):
+            pickles = sorted(names & set(_PICKLE_WEIGHTS)) or sorted(
+                n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))
+            )
+            if not pickles:
+                return [f"model.name_or_path: {path} holds no weights (model.safetensors)"]
+            if not model.get("allow_pickle"):
+                return [
+                    f"model.name_or_path: {path} holds only pickle weights "
+                    f"({', '.join(pickles)}); unpickling can run arbitrary code. Convert them to "
+                    "safetensors, or set model.allow_pickle=true if you trust where they came from"
+                ]
+        if "config.json" not in names:
+            return [f"model.name_or_path: {path} has no config.json (not a saved model directory)"]
+        return []
+    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_like_path:
+        return [f"model.name_or_path: {source} does not exist (a local model directory)"]
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    if offline and not _in_hub_cache(source):
+        return [
+            f"model.name_or_path: {source!r} looks like a Hugging Face hub id, but the hub is "
+            "offline (HF_HUB_OFFLINE) and it is not in the local cache; give a local directory "
+            "(one saved with save_pretrained, or a run's outputs/.../model), or an MLflow "
+            "runs:/ or models:/ URI"
+        ]
+    return []
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    return (cache / f"models--{repo_id.replace('/', '--')}").is_dir()
+
+
+def _output_problems(root: str) -> list[str]:
+    """The output root must be creatable and writable; checked on its nearest existing
+    ancestor, without creating anything."""
+    path = Path(root).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"output.root: {path}: {existing} is a file, not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output.root: {path} is not writable ({existing} does not allow writing)"]
+    try:
+        probe = os.statvfs(existing)
+    except OSError:
+        return []
+    if probe.f_flag & os.ST_RDONLY:
+        return [f"output.root: {path} is on a read-only filesystem"]
+    return []
 
 
 def check(cfg: DictConfig) -> None:
@@ -381,6 +481,196 @@ def check(cfg: DictConfig) -> None:
     problems = validate(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: every config `tunelab train ARGS` would run, composed and validated before Hydra
+# starts (so before any directory, MLflow run or heavy import), Hydra's own errors included.
+
+_RUN_FLAGS = ("-m", "--multirun")
+_MAX_JOBS_CHECKED = 32  # a bigger grid is checked one swept value at a time
+
+
+def preflight(args: Sequence[str]) -> list[str]:
+    """One line per problem in the configs `tunelab train ARGS` would train: for `-m`, every
+    job's (the grid expanded, search-space ends for a sweeper's `interval`). Empty when all are
+    valid, or when ARGS ask Hydra for something else (`--cfg`, `--help`, ...: Hydra answers)."""
+    flags = [a for a in args if a.startswith("-")]
+    if any(f not in _RUN_FLAGS for f in flags):
+        return []
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        jobs = _jobs(overrides, multirun=bool(flags))
+    except _Problem as exc:
+        return [str(exc)]
+    problems: dict[str, list[list[str]]] = {}
+    with _composer() as compose_one:
+        for job in jobs:
+            try:
+                found = validate(compose_one(job))
+            except _Problem as exc:
+                found = [str(exc)]
+            for problem in found:
+                problems.setdefault(problem, []).append(job)
+    if not flags or len(jobs) == 1:
+        return list(problems)
+    return [
+        f"{p} (in {len(js)} of {len(jobs)} jobs, e.g. {' '.join(js[0])})"
+        for p, js in problems.items()
+    ]
+
+
+class _Problem(Exception):
+    """One problem line, from Hydra's parser or composer."""
+
+
+def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists of the jobs to check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = _parse(parser, overrides)
+    if not multirun:
+        return [overrides]
+    common = [o.input_line for o in parsed if not o.is_sweep_override()]
+    swept: dict[str, list[str]] = {}
+    for o in parsed:
+        if o.is_sweep_override():
+            swept[o.get_key_element()] = _candidates(o)
+    with _composer(return_hydra_config=True) as compose_one:
+        sweeper = compose_one(common).hydra.sweeper
+    params = sweeper.get("params") or {}
+    for key, spec in params.items():
+        if key not in swept:
+            (o,) = _parse(parser, [f"{key}={spec}"])
+            swept[o.get_key_element()] = _candidates(o) if o.is_sweep_override() else [str(spec)]
+    if not swept:
+        return [common]
+    import itertools
+    import math
+
+    keys = list(swept)
+    if math.prod(len(v) for v in swept.values()) <= _MAX_JOBS_CHECKED:
+        grid = itertools.product(*(swept[k] for k in keys))
+        return [common + [f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in grid]
+    firsts = {k: v[0] for k, v in swept.items()}
+    return [
+        common + [f"{k}={value if k == key else firsts[k]}" for k in keys]
+        for key in keys
+        for value in swept[key]
+    ]
+
+
+def _parse(parser: Any, overrides: list[str]) -> list[Any]:
+    from hydra.errors import HydraException
+
+    try:
+        return parser.parse_overrides(overrides=overrides)
+    except HydraException as exc:
+        bad = next((o for o in overrides if _unparsable(parser, o)), " ".join(overrides))
+        first = str(exc).splitlines()[0]
+        raise _Problem(
+            f"{bad!r}: not a valid override ({first}); write key=value, group=option, "
+            "+key=value to add a key, or key=a,b for a sweep with -m"
+        ) from None
+
+
+def _unparsable(parser: Any, override: str) -> bool:
+    try:
+        parser.parse_overrides(overrides=[override])
+    except Exception:
+        return True
+    return False
+
+
+def _candidates(override: Any) -> list[str]:
+    """The values a sweep override can take: each choice or range value; an interval's ends."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [str(value.start), str(value.end)]
+    return list(override.sweep_string_iterator())
+
+
+class _composer:
+    """Compose `conf/train.yaml` again and again inside one Hydra context; Hydra's errors come
+    out as one problem line each."""
+
+    def __init__(self, return_hydra_config: bool = False) -> None:
+        self.return_hydra_config = return_hydra_config
+
+    def __enter__(self) -> Any:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        os.environ.setdefault("TUNELAB_EXPERIMENTS_DIR", str(paths.experiments_dir()))
+        GlobalHydra.instance().clear()
+        self._context = initialize_config_dir(config_dir=str(paths.conf_dir()), version_base="1.3")
+        self._context.__enter__()
+        return self.compose
+
+    def __exit__(self, *exc: Any) -> None:
+        self._context.__exit__(*exc)
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        from hydra import compose as hydra_compose
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            return hydra_compose(
+                "train", overrides=overrides, return_hydra_config=self.return_hydra_config
+            )
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise _Problem(_composition_problem(str(exc), overrides)) from None
+        except Exception as exc:  # Hydra raises plain ValueErrors too (`checkpoint=0`)
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise _Problem(f"{' '.join(overrides)}: {first}") from None
+
+
+def _composition_problem(message: str, overrides: list[str]) -> str:
+    """Hydra's composition error as one line naming the key and what is allowed."""
+    bad_key = re.match(r"Could not override '([^']*)'", message)
+    if bad_key:
+        return _unknown_key_problem(bad_key.group(1), overrides)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", message.split("Config search path")[0], re.M)
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        return f"{group}={option}: no such option{hint}; options: {', '.join(options)}"
+    return "config: " + message.splitlines()[0]
+
+
+def _unknown_key_problem(key: str, overrides: list[str]) -> str:
+    if not key:
+        return "'=': an override needs a key: key=value or group=option"
+    # The keys that exist once the overrides' group choices (data=text_files, ...) are made.
+    groups = [o for o in overrides if "." not in _key(o) and not o.startswith(("+", "~"))]
+    try:
+        base = compose(groups)
+    except Exception:  # a bad group choice too: fall back to the defaults
+        base = compose()
+    node: Any = OmegaConf.to_container(base, resolve=False)
+    parts, walked = key.split("."), []
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            break
+        node, walked = node[part], [*walked, part]
+    prefix = ".".join(walked) + "." if walked else ""
+    if node is None and walked:
+        return f"{key}: unknown key; {prefix[:-1]} is null with these choices, so it has no keys"
+    allowed = sorted(str(k) for k in node) if isinstance(node, dict) else []
+    missing = parts[len(walked)] if len(walked) < len(parts) else parts[-1]
+    close = difflib.get_close_matches(missing, allowed, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
+    return f"{key}: unknown key{hint}{listed}"
 
 
 def _hydra_callback_base() -> type:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import ConfigError
+
 IGNORE = -100
 
 
@@ -76,19 +78,19 @@ def addition(digits: int, train_size: int, eval_size: int, seed: int) -> Rows:
     )
 
 
+class DataError(ConfigError):
+    """A data file that cannot be used; the message names the key, the file and the line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__([message])
+
+
 def from_files(cfg: Any) -> Rows:
-    """Rows from .jsonl/.json or .txt files, read with the `datasets` library."""
-    import datasets
-
-    def read(path: str) -> list[dict[str, str]]:
-        p = Path(path).expanduser()
-        builder = "text" if p.suffix in (".txt", ".text") else "json"
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
-        return [_row(r, cfg) for r in ds]
-
-    train = read(cfg.train)
+    """Rows from .jsonl/.json (one object per line, or one array) or .txt (one example per
+    line). Read here rather than through `datasets`, so a bad line is reported by its number."""
+    train = read_rows("data.train", cfg.train, cfg)
     if cfg.eval:
-        evaluation = read(cfg.eval)
+        evaluation = read_rows("data.eval", cfg.eval, cfg)
     elif cfg.eval_fraction > 0 and len(train) > 1:
         rng = random.Random(cfg.seed)
         rng.shuffle(train)
@@ -106,19 +108,88 @@ def from_files(cfg: Any) -> Rows:
     )
 
 
-def _row(record: dict[str, Any], cfg: Any) -> dict[str, str]:
+def read_rows(key: str, path: str, cfg: Any) -> list[dict[str, str]]:
+    """Every row of one file, or a DataError naming `key`, the file and the line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        why = "is a directory" if p.is_dir() else "does not exist"
+        raise DataError(f"{key}: {p} {why}; give a .jsonl, .json or .txt file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{key}: {p} line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+            f"{column}); re-encode the file as UTF-8"
+        ) from None
+    if p.suffix in (".txt", ".text"):
+        rows = [{"text": line} for line in text.splitlines() if line.strip()]
+    else:
+        rows = [_row(record, cfg, key, p, n) for n, record in _records(text, key, p)]
+    if not rows:
+        raise DataError(f"{key}: {p} is empty (no rows)")
+    return rows
+
+
+def _records(text: str, key: str, path: Path) -> list[tuple[int, Any]]:
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{key}: {path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{key}: {path} line {n}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                "each line must be one JSON object"
+            ) from None
+    return out
+
+
+def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{key}: {path} line {line}: expected a JSON object, got {type(record).__name__}"
+        )
     if cfg.prompt_column in record and cfg.completion_column in record:
         prompt, completion = record[cfg.prompt_column], record[cfg.completion_column]
         return {"prompt": str(prompt), "completion": str(completion)}
+    if cfg.text_column not in record:
+        raise DataError(
+            f"{key}: {path} line {line}: no {cfg.text_column!r} column (nor "
+            f"{cfg.prompt_column!r} + {cfg.completion_column!r}); it has "
+            f"{', '.join(map(repr, record)) or 'no columns'}: set data.text_column, or "
+            "data.prompt_column and data.completion_column"
+        )
     return {"text": str(record[cfg.text_column])}
 
 
-def tokenize(rows: list[dict[str, str]], tokenizer: Any, max_length: int) -> Any:
-    """A `datasets.Dataset` of input_ids/labels; loss only on completions where there are any."""
+def tokenize(
+    rows: list[dict[str, str]],
+    tokenizer: Any,
+    max_length: int,
+    truncate: bool = True,
+    split: str = "train",
+) -> Any:
+    """A `datasets.Dataset` of input_ids/labels; loss only on completions where there are any.
+    Rows longer than `max_length` tokens are cut (counted, with a warning) or, with
+    `truncate=False`, refused."""
+    import logging
+
     import datasets
 
     eos = [tokenizer.eos_token_id]
     input_ids, labels = [], []
+    too_long, longest = 0, 0
     for row in rows:
         if "completion" in row:
             prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
@@ -127,9 +198,24 @@ def tokenize(rows: list[dict[str, str]], tokenizer: Any, max_length: int) -> Any
         else:
             ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
             lab = list(ids)
+        if len(ids) > max_length:
+            too_long, longest = too_long + 1, max(longest, len(ids))
         input_ids.append(ids[:max_length])
         labels.append(lab[:max_length])
-    return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+    if too_long and not truncate:
+        raise DataError(
+            f"data.max_length: {too_long} of {len(rows)} {split} rows are longer than "
+            f"{max_length} tokens (the longest: {longest}); raise data.max_length or set "
+            "data.truncate=true to cut them"
+        )
+    if too_long:
+        logging.getLogger("tunelab").warning(
+            "%d of %d %s rows were longer than data.max_length=%d tokens and were truncated "
+            "(the longest: %d)", too_long, len(rows), split, max_length, longest
+        )  # fmt: skip
+    out = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+    out.truncated_rows = too_long  # type: ignore[attr-defined]
+    return out
 
 
 def collator(tokenizer: Any) -> Any:

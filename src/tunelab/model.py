@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.config import ConfigError
+
 SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+class ModelError(ConfigError):
+    """model.name_or_path cannot be loaded; one line saying why, not transformers' traceback."""
+
+    def __init__(self, source: str, exc: Exception) -> None:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        super().__init__(
+            [
+                f"model.name_or_path: cannot load {source!r}: {first}. Offline, or a hub id "
+                "without the hub? Give a local model directory"
+            ]
+        )
 
 
 def load_tokenizer(cfg: Any, texts: list[str], source: str | None = None) -> Any:
@@ -14,7 +29,10 @@ def load_tokenizer(cfg: Any, texts: list[str], source: str | None = None) -> Any
     if source:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(source, exc) from None
         if tok.pad_token is None:  # most causal LMs ship without one; padding is masked anyway
             tok.pad_token = tok.eos_token
         return tok
@@ -51,9 +69,15 @@ def load_model(cfg: Any, tokenizer: Any, source: str | None = None) -> Any:
 
     source = source or cfg.name_or_path
     if source:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=cfg.trust_remote_code
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                trust_remote_code=cfg.trust_remote_code,
+                # Without allow_pickle, transformers itself refuses pytorch_model.bin.
+                use_safetensors=None if cfg.get("allow_pickle") else True,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(source, exc) from None
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:

@@ -62,9 +62,25 @@ def run(
         return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
     resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
 
+    # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
+    rows = data.load(cfg.data)
+    cache = Path(cfg.output.root) / ".cache" / "models"
+    source = tracking.fetch_model(cfg.model.name_or_path, cfg.tracking.uri, cache)
+    tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
+    train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length, cfg.data.truncate)
+    eval_set = (
+        data.tokenize(rows.eval, tokenizer, cfg.data.max_length, cfg.data.truncate, "eval")
+        if rows.eval
+        else None
+    )
+    log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
+
     # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
     main_process = int(os.environ.get("RANK", "0")) == 0
     tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
+    truncated = train_set.truncated_rows + (eval_set.truncated_rows if eval_set else 0)
+    if truncated:
+        tags = {**tags, "tunelab.data.truncated_rows": str(truncated)}
     stopper = checkpoints.stop_on_signal()
     stopper.install()
     try:
@@ -77,18 +93,6 @@ def run(
         if main_process:
             artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
         with tracking.recording(tracker):
-            rows = data.load(cfg.data)
-            cache = Path(cfg.output.root) / ".cache" / "models"
-            source = tracking.fetch_model(cfg.model.name_or_path, cfg.tracking.uri, cache)
-            tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
-            train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length)
-            eval_set = (
-                data.tokenize(rows.eval, tokenizer, cfg.data.max_length) if rows.eval else None
-            )
-            log.info(
-                "data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source
-            )
-
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
             model = models.load_model(cfg.model, tokenizer, source)
             n_params, n_trainable = models.parameter_count(model)
