@@ -90,3 +90,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     proc = ws.train("checkpoint=none")
     (run_dir,) = ws.run_dirs()
     return ws, run_dir, proc
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: room for two checkpoints of the tiny model, not three. Needs mount rights
+    (root with CAP_SYS_ADMIN, as on the project's machines); skipped otherwise."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()})")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)

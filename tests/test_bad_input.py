@@ -61,6 +61,13 @@ def test_an_unwritable_output_root_is_refused(tmp_path):
     assert config.validate(cfg) == [f"output.root: {blocker / 'out'}: {blocker} is a file, not a directory"]  # fmt: skip
 
 
+def test_a_full_output_disk_is_refused_before_anything_starts(small_disk):
+    (small_disk / "filler").write_bytes(b"\0" * (900 * 1024))
+    cfg = config.compose([f"output.root={small_disk / 'out'}"])
+    (problem,) = config.validate(cfg)
+    assert problem.startswith(f"output.root: {small_disk / 'out'} is full (")
+
+
 def _pickle_only_model(tmp_path: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

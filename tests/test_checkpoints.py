@@ -431,21 +431,6 @@ def test_a_staged_file_is_plain_safetensors_and_its_checksum_matches(tmp_path, h
     assert sizes[0] == sizes[1] < sizes[2]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs: room for two checkpoints of the tiny model, not three. Needs mount rights
-    (root with CAP_SYS_ADMIN, as on the project's machines); skipped otherwise."""
-    mountpoint = tmp_path / "small-disk"
-    mountpoint.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()})")
-    yield mountpoint
-    subprocess.run(["umount", str(mountpoint)], check=True)
-
-
 def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_disk):
     args = [f"output.root={small_disk}", f"tracking.uri={workspace.uri}", *LONGER, *CKPT]
     proc = subprocess.run(

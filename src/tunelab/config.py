@@ -473,7 +473,13 @@ def _output_problems(root: str) -> list[str]:
         return []
     if probe.f_flag & os.ST_RDONLY:
         return [f"output.root: {path} is on a read-only filesystem"]
+    free = probe.f_bavail * probe.f_frsize
+    if free < _MIN_FREE:
+        return [f"output.root: {path} is full ({free // 1024} KiB free); free space or move it"]
     return []
+
+
+_MIN_FREE = 256 * 1024  # not even the run's config files would fit
 
 
 def check(cfg: DictConfig) -> None:
