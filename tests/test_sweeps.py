@@ -167,3 +167,33 @@ def test_sequential_jobs_release_their_memory(workspace):
     # (15 leaked jobs would add ~200 MiB).
     growth = rss[19] - rss[4]
     assert growth < 60, rss
+
+
+@pytest.mark.parametrize(
+    ("overrides", "conf", "expected"),
+    [
+        ([], {}, "maximize"),  # the addition task's objective is exact match
+        (["sweep.objective=eval_loss"], {}, "minimize"),
+        (["sweep.objective=eval_token_accuracy"], {}, "maximize"),
+        (["sweep.direction=min"], {}, "minimize"),
+        (["sweep.objective=eval_loss"], {"direction": "maximize"}, "maximize"),  # set: obeyed
+        (["data=text_files", "data.train=x.jsonl", "sweep.objective=eval_loss"], {}, "minimize"),
+    ],
+)
+def test_the_optuna_study_direction_follows_the_objective(overrides, conf, expected):
+    from hydra_plugins.tunelab_optuna import OptunaSweeper
+    from tunelab import config
+
+    sweeper = OptunaSweeper(**conf)
+    sweeper.config = config.compose(overrides)
+    assert sweeper.direction() == expected
+
+
+def test_an_optuna_sweep_over_files_without_an_objective_asks_for_a_direction():
+    from hydra_plugins.tunelab_optuna import OptunaSweeper
+    from tunelab import config
+
+    sweeper = OptunaSweeper()
+    sweeper.config = config.compose(["data=text_files", "data.train=x.jsonl"])
+    with pytest.raises(ValueError, match="hydra.sweeper.direction: set it"):
+        sweeper.direction()

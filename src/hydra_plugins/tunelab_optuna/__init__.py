@@ -34,7 +34,9 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.tunelab_optuna.OptunaSweeper"
     n_trials: int = 8
     n_jobs: int = 1  # trials launched together (with a parallel launcher)
-    direction: str = "maximize"  # maximize | minimize: what the jobs' objective wants
+    # maximize | minimize; null: sweep.direction, else from sweep.objective's name (losses are
+    # minimized), else maximize for the addition task's exact match.
+    direction: Optional[str] = None  # noqa: UP045
     sampler: str = "tpe"  # tpe | random
     seed: int = 0
     storage: Optional[str] = None  # noqa: UP045 - null: sqlite:///<sweep dir>/optuna.db
@@ -79,6 +81,22 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
+    def direction(self) -> str:
+        """The study's direction: set here, or what the jobs' objective wants."""
+        from tunelab.checkpoints import mode_for
+
+        if self.conf.direction:
+            return self.conf.direction
+        sweep, kind = self.config.sweep, self.config.data.type
+        objective = sweep.objective or ("eval_exact_match" if kind == "addition" else None)
+        if objective is None and not sweep.direction:
+            raise ValueError(
+                "hydra.sweeper.direction: set it (maximize or minimize), or sweep.objective, "
+                "so the study knows which way is better for this data"
+            )
+        mode = mode_for(objective or "", sweep.direction)
+        return {"min": "minimize", "max": "maximize"}[mode]
+
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
@@ -98,7 +116,7 @@ class OptunaSweeper(Sweeper):
         study = optuna.create_study(
             study_name=self.conf.study_name,
             storage=self.conf.storage or f"sqlite:///{sweep_dir.resolve() / 'optuna.db'}",
-            direction=self.conf.direction,
+            direction=self.direction(),
             sampler=sampler,
             load_if_exists=True,
         )
