@@ -1,15 +1,15 @@
 """Checkpoints that survive crashes, written in the background.
 
-A checkpoint is *complete* only when its `manifest.json` (sha256 and size of every file, step,
-epoch, metrics) has been written last and fsynced: a directory without a valid manifest is never
-resumed from, never counted as kept, and is removed at the next start. By default
-(`checkpoint.async_write`) the training loop only copies the state into reused CPU buffers at the
-step boundary; a background thread writes `.checkpoint-<step>.partial/`, fsyncs it, writes the
-manifest and renames it to `checkpoint-<step>/`. One write is in flight at a time: the next
-checkpoint, the end of training and a stop on SIGTERM wait for it. Rotation (Trainer's is turned
-off) runs only after a commit, keeps the newest `keep` and, with `keep_best`, the best by
-`checkpoint.metric`. Resume verifies checksums and falls back to the next older checkpoint when
-one does not match.
+A checkpoint is *complete* only when its `manifest.json` (xxh3-128 checksum and size of every
+file, step, epoch, metrics) has been written last and fsynced: a directory without a valid
+manifest is never resumed from, never counted as kept, and is removed at the next start. By
+default (`checkpoint.async_write`) the training loop only copies the state into reused CPU
+buffers at the step boundary; a background thread writes `.checkpoint-<step>.partial/`, fsyncs
+it, writes the manifest and renames it to `checkpoint-<step>/`. One write is in flight at a
+time: the next checkpoint, the end of training and a stop on SIGTERM wait for it. Rotation
+(Trainer's is turned off) runs only after a commit, keeps the newest `keep` and, with
+`keep_best`, the best by `checkpoint.metric`. Resume verifies checksums and falls back to the
+next older checkpoint when one does not match.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import artifacts, snapshots
-from tunelab.snapshots import CheckpointWriteFailed
-
-__all__ = ["CheckpointWriteFailed"]
 
 log = logging.getLogger("tunelab")
 

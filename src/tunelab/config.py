@@ -401,17 +401,18 @@ def _check_combinations(c: dict, problems: list[str]) -> None:
     problems.extend(_output_problems(c["output"]["root"]))
 
 
-_MODEL_URIS = ("runs:/", "models:/")
 # What evaluation reports (data.metrics_fn): exact match needs prompt/completion rows.
 _TASK_METRICS = ("eval_loss", "eval_token_accuracy", "eval_exact_match")
-_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
 
 
 def _model_source_problems(model: dict) -> list[str]:
     """A local model directory must hold safetensors weights (pickle only with allow_pickle);
     a hub id needs the hub, which is named plainly when offline."""
+    from tunelab.artifacts import PICKLE_SUFFIXES
+    from tunelab.tracking import MODEL_URI_SCHEMES
+
     source = str(model["name_or_path"])
-    if source.startswith(_MODEL_URIS):
+    if source.startswith(MODEL_URI_SCHEMES):
         return []
     path = Path(source).expanduser()
     if path.is_dir():
@@ -419,9 +420,7 @@ def _model_source_problems(model: dict) -> list[str]:
         if not any(
             n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names
         ):
-            pickles = sorted(names & set(_PICKLE_WEIGHTS)) or sorted(
-                n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))
-            )
+            pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
             if not pickles:
                 return [f"model.name_or_path: {path} holds no weights (model.safetensors)"]
             if not model.get("allow_pickle"):

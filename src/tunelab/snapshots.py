@@ -105,7 +105,6 @@ class StagedFile:
         for name, dtype, shape, nbytes in specs:
             self.views[name] = raw[offset : offset + nbytes].view(dtype).view(shape)
             offset += nbytes
-        self.digest = ""
 
     @staticmethod
     def specs_of(tensors: dict[str, Any]) -> list[tuple[str, Any, tuple[int, ...], int]]:
@@ -126,13 +125,13 @@ class StagedFile:
         import xxhash
 
         view = memoryview(self.buffer)
-        self.digest = xxhash.xxh3_128(view[: self.size]).hexdigest()
+        digest = xxhash.xxh3_128(view[: self.size]).hexdigest()
         try:
             _write_fd(path, view[: -(-self.size // _ALIGN) * _ALIGN], os.O_DIRECT)
         except (OSError, AttributeError):  # tmpfs, some network filesystems; not Linux
             _write_fd(path, view[: self.size], 0)
         _truncate(path, self.size)
-        return self.digest
+        return digest
 
 
 def _write_fd(path: Path, data: memoryview, flags: int) -> None:
