@@ -29,6 +29,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests $(wildcard benchmarks)

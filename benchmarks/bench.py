@@ -11,6 +11,7 @@ absolute times. Writes benchmarks/results/report.json, report.md and step_times.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -43,32 +44,27 @@ def model_overrides() -> list[str]:
 
 def step_timer() -> Any:
     """A TrainerCallback recording the wall time between step ends (a checkpoint's stall lands
-    in the step after it)."""
+    in the step after it), and steps/s over all of training: from its start to `on_train_end`,
+    which tunelab's Trainer signals only once the last checkpoint is committed."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
+            self.began = 0.0
+            self.steps_per_s = 0.0
 
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.ends.append(time.perf_counter())
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.steps_per_s = state.global_step / (time.perf_counter() - self.began)
 
         def times(self) -> list[float]:
             return [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
-
-        def attach(self, trainer: Any) -> None:
-            """Time `trainer.train()` as a whole: it returns once the last checkpoint is
-            committed (Trainer's own train_runtime stops before tunelab's final wait)."""
-            trainer.add_callback(self)
-            train = trainer.train
-
-            def timed(*args: Any, **kwargs: Any) -> Any:
-                began = time.perf_counter()
-                out = train(*args, **kwargs)
-                self.steps_per_s = trainer.state.global_step / (time.perf_counter() - began)
-                return out
-
-            trainer.train = timed
 
     return StepTimer()
 
@@ -81,19 +77,8 @@ def run_tunelab(overrides: list[str], root: Path, timer: Any = None) -> float:
     cfg = config.compose(
         [*overrides, f"output.root={root / 'outputs'}", f"tracking.uri=sqlite:///{root / 'm.db'}"]
     )
-    make_trainer = runner._trainer
-
-    def with_timer(*args: Any, **kwargs: Any) -> Any:
-        trainer = make_trainer(*args, **kwargs)
-        timer.attach(trainer)
-        return trainer
-
-    runner._trainer = with_timer
-    try:
-        runner.run(cfg, root / "run", overrides)
-    finally:
-        runner._trainer = make_trainer
-    return timer.steps_per_s
+    runner.run(cfg, root / "run", overrides, callbacks=[timer])
+    return float(timer.steps_per_s)
 
 
 def run_plain(
@@ -109,7 +94,7 @@ def run_plain(
     cfg = config.compose(overrides)
     rows = data.load(cfg.data)
     tok = models.load_tokenizer(cfg.model, rows.texts())
-    train = data.tokenize(rows.train, tok, cfg.data.max_length)
+    train = data.tokenize(rows.train, tok, cfg.data.max_length).dataset
     set_seed(cfg.seed)
     model = models.load_model(cfg.model, tok)
     args = TrainingArguments(
@@ -127,10 +112,15 @@ def run_plain(
         seed=cfg.seed,
     )
     timer = timer or step_timer()
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=data.collator(tok))
-    timer.attach(trainer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=data.collator(tok),
+        callbacks=[timer],
+    )
     trainer.train()
-    return timer.steps_per_s
+    return float(timer.steps_per_s)
 
 
 def throughput(reps: int, steps: int) -> dict:
@@ -211,18 +201,19 @@ def checkpoint_stall(reps: int) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from tunelab import checkpoints, config, data
+    from tunelab import config, data
     from tunelab import model as models
+    from tunelab.checkpoints.trainer import CheckpointingTrainer
 
     overrides = model_overrides() + ["training.max_steps=2"]
     cfg = config.compose([*overrides, "checkpoint=steps", "checkpoint.every=1000"])
     rows = data.load(cfg.data)
     tok = models.load_tokenizer(cfg.model, rows.texts())
-    train = data.tokenize(rows.train[:256], tok, cfg.data.max_length)
+    train = data.tokenize(rows.train[:256], tok, cfg.data.max_length).dataset
     results: dict[str, list[float]] = {"plain_trainer_s": [], "tunelab_s": [], "memory_copy_s": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cls in (("plain_trainer_s", Trainer),
-                          ("tunelab_s", checkpoints.trainer_class(cfg.checkpoint))):  # fmt: skip
+        tunelab = functools.partial(CheckpointingTrainer, checkpoint=cfg.checkpoint)
+        for name, cls in (("plain_trainer_s", Trainer), ("tunelab_s", tunelab)):
             model = models.load_model(cfg.model, tok)
             args = TrainingArguments(
                 output_dir=str(Path(tmp) / name), max_steps=2, report_to="none", use_cpu=True,
@@ -294,7 +285,8 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
         out["log_metrics_per_step_s"] = per_call
         out["ratio_logging_vs_step_time"] = per_call / step_s
 
-        art = artifacts.save_final(root / "model", model, tok, OmegaConf.to_yaml(cfg), {"step": 0})
+        info = artifacts.ArtifactInfo("bench", 0, None, {}, "bench", 0, "bench", "", None)
+        art = artifacts.save_final(root / "model", model, tok, OmegaConf.to_yaml(cfg), info)
         log_t, cp_t, load_t, pickle_t, plain_t = [], [], [], [], []
         torch.save(model.state_dict(), root / "weights.pt")
         plain_ckpt = plain_trainer_checkpoint(model, tok, root / "plain")

@@ -133,7 +133,7 @@ def test_long_rows_are_counted_and_truncated_or_refused(tmp_path, caplog):
     tok = models.train_tokenizer(loaded.texts())
     with caplog.at_level("WARNING", logger="tunelab"):
         out = data.tokenize(loaded.train, tok, 20)
-    assert out.truncated_rows == 2 and max(len(ids) for ids in out["input_ids"]) == 20
+    assert out.truncated_rows == 2 and max(len(ids) for ids in out.dataset["input_ids"]) == 20
     assert "2 of 4 train rows were longer than data.max_length=20 tokens" in caplog.text
     with pytest.raises(data.DataError, match=r"data.max_length: 2 of 4 train rows are longer"):
         data.tokenize(loaded.train, tok, 20, truncate=False)

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,32 @@ _LIBRARIES = ("tunelab", "torch", "transformers", "tokenizers", "safetensors", "
               "datasets", "hydra-core", "omegaconf", "mlflow")  # fmt: skip
 
 
+@dataclass
+class ArtifactInfo:
+    """What the manifest and the model card say about the run that made an artifact."""
+
+    run_name: str
+    step: int
+    epoch: float | None
+    metrics: dict[str, float]
+    base_model: str
+    parameters: int
+    data_source: str
+    data_digest: str
+    mlflow_run_id: str | None
+    overrides: list[str] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
 def save_final(
     out_dir: Path,
     model: Any,
     tokenizer: Any,
     resolved_config: str,
-    info: dict[str, Any],
+    info: ArtifactInfo,
 ) -> Path:
     """Write the artifact to `out_dir` atomically and return it. `info` goes into the manifest
-    (step, metrics, data digest, ...) and the model card."""
+    and the model card."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -46,7 +64,7 @@ def save_final(
     (tmp / CONFIG).write_text(resolved_config, encoding="utf-8")
     (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
     refuse_pickles(tmp)
-    write_manifest(tmp, info)
+    write_manifest(tmp, asdict(info))
     for file in tmp.rglob("*"):  # finished: the store may hard-link these files (tracking)
         if file.is_file():
             file.chmod(0o444)
@@ -218,18 +236,17 @@ def git_state(cwd: Path | None = None) -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
-def model_card(info: dict[str, Any]) -> str:
-    metrics = info.get("metrics", {})
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
-    return f"""# {info.get("run_name", "tunelab run")}
+def model_card(info: ArtifactInfo) -> str:
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(info.metrics.items()))
+    return f"""# {info.run_name}
 
 Fine-tuned with tunelab (Hugging Face Trainer, configured by Hydra, tracked in MLflow).
 
-- Base model: {info.get("base_model")}
-- Parameters: {info.get("parameters")}
-- Data: {info.get("data_source")} (sha256 {str(info.get("data_digest"))[:16]}...)
-- Steps: {info.get("step")}, epochs: {_fmt(info.get("epoch"))}
-- MLflow run: {info.get("mlflow_run_id")}
+- Base model: {info.base_model}
+- Parameters: {info.parameters}
+- Data: {info.data_source} (sha256 {info.data_digest[:16]}...)
+- Steps: {info.step}, epochs: {_fmt(info.epoch)}
+- MLflow run: {info.mlflow_run_id}
 
 | metric | value |
 | --- | --- |

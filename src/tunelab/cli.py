@@ -9,8 +9,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab import paths
+
+if TYPE_CHECKING:
+    import argparse
+
+    from omegaconf import DictConfig
 
 USAGE = """\
 usage: tunelab <command> [args]
@@ -88,10 +94,10 @@ def train(args: list[str]) -> None:
         raise SystemExit(128 + signum) from None
 
 
-def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
-    """One job: validate (again, for sweeps), then hand over to the runner. Returns the job's
-    objective, for Hydra's sweepers; in a sweep a failed job returns None (its MLflow run is
-    FAILED) so the other jobs go on."""
+def train_job(cfg: DictConfig) -> float | None:
+    """One job (Hydra's task function): validated unless preflight already did, then handed to
+    the runner. Returns the job's objective, for Hydra's sweepers; in a sweep a failed job
+    returns None (its MLflow run is FAILED) so the other jobs go on."""
     import gc
 
     from hydra.core.hydra_config import HydraConfig
@@ -99,7 +105,8 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
 
     from tunelab import config, runner, snapshots, sweeps, tracking
 
-    config.exit_on_problems(config.validate(cfg))
+    if not config.validated(cfg):  # a job preflight could not foresee (a sweeper's choice)
+        config.exit_on_problems(config.validate(cfg))
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
     tags, name = {}, None
@@ -142,12 +149,12 @@ def train_job(cfg):  # type: ignore[no-untyped-def]  # Hydra's task function
             rss = psutil.Process().memory_info().rss / 2**20
             log = logging.getLogger("tunelab")
             log.info("job %d released: process RSS %.1f MiB", hc.job.num, rss)
-    if not result.extra.get("already_finished"):
+    if not result.already_finished:
         print(result.summary())
     return result.objective
 
 
-def _parser(command: str, description: str):  # type: ignore[no-untyped-def]
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"tunelab {command}", description=description)
@@ -167,6 +174,7 @@ def runs(args: list[str]) -> None:
         jobs = find_parent(opts.uri, opts.experiment, opts.sweep)
         print(summary(jobs).replace("sweep finished, best first", f"sweep {opts.sweep}"))
         return
+    from tunelab.metrics import SUMMARY
     from tunelab.tracking import recent_runs
 
     rows = recent_runs(opts.uri, opts.experiment, opts.limit)
@@ -177,10 +185,11 @@ def runs(args: list[str]) -> None:
     def cell(v: object) -> str:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    header = ["run id", "name", "status", "exact_match", "eval_loss", "duration", "artifact"]
+    header = ["run id", "name", "status", *SUMMARY]
+    header += ["duration", "artifact"]
     table = [
-        [r["run_id"][:12], _cut(r["name"], 40), r["status"], cell(r["eval_exact_match"]),
-         cell(r["eval_loss"]), f"{r['duration_s']:.0f}s", r["artifact"]]
+        [r["run_id"][:12], _cut(r["name"], 40), r["status"], *(cell(r[m]) for m in SUMMARY),
+         f"{r['duration_s']:.0f}s", r["artifact"]]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]

@@ -2,7 +2,8 @@
 
 A row is either `{"text": ...}` (trained on all tokens) or `{"prompt": ..., "completion": ...}`
 (trained on the completion only; exact match is reported). Rows become `datasets.Dataset`s of
-`input_ids` / `labels`, with -100 on the tokens that carry no loss.
+`input_ids` / `labels`, with -100 on the tokens that carry no loss. What evaluation reports is
+tunelab.metrics'.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import ConfigError
-
-IGNORE = -100
+from tunelab.metrics import IGNORE
 
 
 @dataclass
@@ -173,13 +173,44 @@ def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, st
     return {"text": str(record[cfg.text_column])}
 
 
+@dataclass
+class Tokenized:
+    """A split as a `datasets.Dataset` of input_ids/labels, and how many rows were cut."""
+
+    dataset: Any
+    truncated_rows: int = 0
+
+
+@dataclass
+class Prepared:
+    """The run's tokenized splits (`eval` None without an eval set)."""
+
+    train: Any
+    eval: Any | None
+    truncated_rows: int
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(ids) for ids in self.train["input_ids"])
+
+
+def prepare(rows: Rows, tokenizer: Any, cfg: Any) -> Prepared:
+    """Both splits of `rows` tokenized for `cfg.data` (max_length, truncate)."""
+    train = tokenize(rows.train, tokenizer, cfg.max_length, cfg.truncate)
+    evaluation = (
+        tokenize(rows.eval, tokenizer, cfg.max_length, cfg.truncate, "eval") if rows.eval else None
+    )
+    truncated = train.truncated_rows + (evaluation.truncated_rows if evaluation else 0)
+    return Prepared(train.dataset, evaluation.dataset if evaluation else None, truncated)
+
+
 def tokenize(
     rows: list[dict[str, str]],
     tokenizer: Any,
     max_length: int,
     truncate: bool = True,
     split: str = "train",
-) -> Any:
+) -> Tokenized:
     """A `datasets.Dataset` of input_ids/labels; loss only on completions where there are any.
     Rows longer than `max_length` tokens are cut (counted, with a warning) or, with
     `truncate=False`, refused."""
@@ -213,9 +244,8 @@ def tokenize(
             "%d of %d %s rows were longer than data.max_length=%d tokens and were truncated "
             "(the longest: %d)", too_long, len(rows), split, max_length, longest
         )  # fmt: skip
-    out = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
-    out.truncated_rows = too_long  # type: ignore[attr-defined]
-    return out
+    dataset = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+    return Tokenized(dataset, too_long)
 
 
 def collator(tokenizer: Any) -> Any:
@@ -223,34 +253,3 @@ def collator(tokenizer: Any) -> Any:
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding=True)
-
-
-def argmax_logits(logits: Any, labels: Any) -> Any:
-    """Keep only the predicted token ids, so evaluation does not hold every logit in memory."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return logits.argmax(dim=-1)
-
-
-def metrics_fn(has_completions: bool) -> Any:
-    """compute_metrics for Trainer: token accuracy, plus exact match for prompt/completion rows.
-
-    Under teacher forcing a row whose every answer token is the argmax is exactly the row that
-    greedy decoding would reproduce, so this exact match equals greedy generation's, without
-    generating.
-    """
-    import numpy as np
-
-    def compute(eval_pred: Any) -> dict[str, float]:
-        preds, labels = eval_pred.predictions, eval_pred.label_ids
-        preds, labels = preds[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE
-        hit = (preds == labels) & mask
-        out = {"token_accuracy": float(hit.sum() / max(mask.sum(), 1))}
-        if has_completions:
-            rows = mask.any(axis=1)
-            exact = np.all(hit | ~mask, axis=1) & rows
-            out["exact_match"] = float(exact.sum() / max(rows.sum(), 1))
-        return out
-
-    return compute

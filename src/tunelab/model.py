@@ -78,7 +78,8 @@ def load_model(cfg: Any, tokenizer: Any, source: str | None = None) -> Any:
             )
         except (OSError, ValueError) as exc:
             raise ModelError(source, exc) from None
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        embeddings: Any = model.get_input_embeddings()
+        if len(tokenizer) > embeddings.num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
         arch = dict(cfg.arch)
@@ -112,4 +113,4 @@ def generate(path: str, prompt: str, max_new_tokens: int = 16) -> str:
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return str(tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))

@@ -4,16 +4,112 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import artifacts, checkpoints, config, data, sweeps, tracking
+from tunelab import artifacts, checkpoints, config, data, metrics, sweeps, tracking
 from tunelab import model as models
 
 log = logging.getLogger("tunelab")
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    overrides: list[str],
+    tags: dict[str, str] | None = None,
+    name: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> RunResult:
+    """Train one model as `cfg` (validated: tunelab.config.validate) says, continuing from the
+    run directory's newest valid checkpoint when there is one; write its artifact to
+    `run_dir/model`; track it. `callbacks`: extra Trainer callbacks."""
+    from tunelab.checkpoints.signals import Interrupted, StopOnSignal
+    from tunelab.tracking.callback import TrackingCallback
+
+    run_dir = Path(run_dir)
+    name = name or config.run_name(overrides)
+    resolved = config.resolved(cfg)
+    record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
+    if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
+        tags = tracking.run_tags(run_dir, overrides, extra=tags)
+        return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
+    resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
+
+    # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
+    rows = data.load(cfg.data)
+    cache = Path(cfg.output.root) / ".cache" / "models"
+    source = tracking.fetch_model(cfg.model.name_or_path, cfg.tracking.uri, cache)
+    tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
+    prepared = data.prepare(rows, tokenizer, cfg.data)
+    log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
+
+    # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
+    if prepared.truncated_rows:
+        tags = {**tags, "tunelab.data.truncated_rows": str(prepared.truncated_rows)}
+    with StopOnSignal() as stopper:
+        previous = record.get("mlflow_run_id")
+        tracker = (
+            tracking.start(cfg, name, tags, resolved, overrides, previous)
+            if main_process
+            else tracking.NullTracker()
+        )
+        if main_process:
+            artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
+        with tracking.recording(tracker):
+            _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
+            model = models.load_model(cfg.model, tokenizer, source)
+            n_params, n_trainable = models.parameter_count(model)
+            base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
+            tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)
+
+            extra = [TrackingCallback(tracker), stopper, *callbacks]
+            trainer = _trainer(cfg, run_dir, model, tokenizer, prepared, rows, tracker, extra)
+            train_out = trainer.train(
+                resume_from_checkpoint=str(resume_from) if resume_from else None
+            )
+            if stopper.received and trainer.state.global_step < trainer.state.max_steps:
+                raise Interrupted(stopper.received)  # checkpointed at the step boundary
+            final = dict(train_out.metrics)
+            if prepared.eval is not None:
+                final.update(trainer.evaluate())
+            objective = sweeps.objective_name(cfg, final, rows.has_completions)
+            tracking.log_outcome(tracker, objective, sweeps.direction(cfg, objective))
+
+            info = artifacts.ArtifactInfo(
+                run_name=name,
+                step=trainer.state.global_step,
+                epoch=trainer.state.epoch,
+                metrics=final,
+                base_model=base,
+                parameters=n_params,
+                data_source=rows.source,
+                data_digest=rows.digest,
+                mlflow_run_id=tracker.run_id,
+                overrides=list(overrides),
+                resumed_from=str(resume_from) if resume_from else None,
+            )
+            artifact = run_dir / "model"
+            if main_process:
+                artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
+            tracker.log_model(artifact, final, trainer.state.global_step)
+            if (run_dir / ".hydra").is_dir():
+                tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+
+    return RunResult(
+        run_dir=run_dir,
+        artifact_dir=artifact,
+        metrics=final,
+        run_id=tracker.run_id,
+        ui_hint=tracker.ui_hint or _upload_hint(cfg),
+        objective=final.get(objective),
+    )
 
 
 @dataclass
@@ -24,7 +120,7 @@ class RunResult:
     run_id: str | None = None
     ui_hint: str | None = None
     objective: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    already_finished: bool = False  # nothing was trained: the run directory held the artifact
 
     def summary(self) -> str:
         shown = {
@@ -43,121 +139,13 @@ class RunResult:
         return "\n".join(lines)
 
 
-def run(
-    cfg: DictConfig,
-    run_dir: str | Path,
-    overrides: list[str],
-    tags: dict[str, str] | None = None,
-    name: str | None = None,
-) -> RunResult:
-    """Train one model as `cfg` says (continuing from the run directory's newest valid checkpoint
-    when there is one), write its artifact to `run_dir/model`, track it."""
-    config.check(cfg)
-    run_dir = Path(run_dir)
-    name = name or config.run_name(overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
-    if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
-        tags = tracking.run_tags(run_dir, overrides, extra=tags)
-        return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
-    resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
-
-    # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
-    rows = data.load(cfg.data)
-    cache = Path(cfg.output.root) / ".cache" / "models"
-    source = tracking.fetch_model(cfg.model.name_or_path, cfg.tracking.uri, cache)
-    tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
-    train_set = data.tokenize(rows.train, tokenizer, cfg.data.max_length, cfg.data.truncate)
-    eval_set = (
-        data.tokenize(rows.eval, tokenizer, cfg.data.max_length, cfg.data.truncate, "eval")
-        if rows.eval
-        else None
-    )
-    log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
-
-    # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
-    truncated = train_set.truncated_rows + (eval_set.truncated_rows if eval_set else 0)
-    if truncated:
-        tags = {**tags, "tunelab.data.truncated_rows": str(truncated)}
-    stopper = checkpoints.stop_on_signal()
-    stopper.install()
-    try:
-        previous = record.get("mlflow_run_id")
-        tracker = (
-            tracking.start(cfg, name, tags, resolved, overrides, previous)
-            if main_process
-            else tracking.NullTracker()
-        )
-        if main_process:
-            artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
-        with tracking.recording(tracker):
-            _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
-            model = models.load_model(cfg.model, tokenizer, source)
-            n_params, n_trainable = models.parameter_count(model)
-            base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
-            n_tokens = sum(len(ids) for ids in train_set["input_ids"])
-            tracking.log_inputs(tracker, rows, base, n_params, n_trainable, n_tokens)
-
-            trainer = _trainer(
-                cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker, stopper
-            )
-            train_out = trainer.train(
-                resume_from_checkpoint=str(resume_from) if resume_from else None
-            )
-            if stopper.received and trainer.state.global_step < trainer.state.max_steps:
-                raise checkpoints.Interrupted(stopper.received)  # checkpointed at the step boundary
-            metrics = dict(train_out.metrics)
-            if eval_set is not None:
-                metrics.update(trainer.evaluate())
-            objective = sweeps.objective_name(cfg, metrics)
-            tracker.set_tags(
-                {
-                    "tunelab.objective": objective,
-                    "tunelab.objective_direction": sweeps.direction(cfg, objective),
-                }
-            )
-
-            info = {
-                "run_name": name,
-                "step": trainer.state.global_step,
-                "epoch": trainer.state.epoch,
-                "metrics": metrics,
-                "base_model": base,
-                "parameters": n_params,
-                "data_source": rows.source,
-                "data_digest": rows.digest,
-                "mlflow_run_id": tracker.run_id,
-                "overrides": list(overrides),
-                "resumed_from": str(resume_from) if resume_from else None,
-            }
-            artifact = run_dir / "model"
-            if main_process:
-                artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
-            tracker.log_model(artifact, metrics, trainer.state.global_step)
-            if (run_dir / ".hydra").is_dir():
-                tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
-    finally:
-        stopper.uninstall()
-
-    return RunResult(
-        run_dir=run_dir,
-        artifact_dir=artifact,
-        metrics=metrics,
-        run_id=tracker.run_id,
-        ui_hint=tracker.ui_hint or _upload_hint(cfg),
-        objective=metrics.get(objective),
-    )
-
-
 def _upload_hint(cfg: DictConfig) -> str | None:
     if cfg.tracking.backend == "none":
         return None
     return "not uploaded (the store was unreachable): run the same command again to upload it"
 
 
-def _claim(run_dir: Path, resolved: dict) -> dict[str, Any]:
+def _claim(run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:
     """The run record of `run_dir`, refusing a directory that holds a run of another config
     (conf files edited since the same command last ran there)."""
     fingerprint = config.fingerprint(resolved)
@@ -177,7 +165,7 @@ def _already_finished(
     run_dir: Path,
     name: str,
     tags: dict[str, str],
-    resolved: dict,
+    resolved: dict[str, Any],
     overrides: list[str],
 ) -> RunResult:
     manifest = artifacts.read_manifest(run_dir / "model")
@@ -193,30 +181,43 @@ def _already_finished(
         f"tunelab: this run already finished (run id {run_id}, artifact "
         f"{run_dir / 'model'}); nothing to do. Use resume=never to train it again."
     )
-    metrics = manifest.get("metrics", {})
+    final = manifest.get("metrics", {})
+    # The manifest does not say whether the rows had completions: the objective it recorded.
+    objective = cfg.sweep.objective or metrics.default_objective(cfg.model.task, True, final)
     return RunResult(
         run_dir=run_dir,
         artifact_dir=run_dir / "model",
-        metrics=metrics,
+        metrics=final,
         run_id=run_id,
-        objective=metrics.get(sweeps.objective_name(cfg, metrics)),
-        extra={"already_finished": True},
+        objective=final.get(objective),
+        already_finished=True,
     )
 
 
-def _trainer(cfg, run_dir, model, tokenizer, train_set, eval_set, rows, tracker, stopper):  # type: ignore[no-untyped-def]
-    on_commit = tracker.checkpoint_hook(cfg.tracking.log_checkpoints)
-    trainer_class = checkpoints.trainer_class(cfg.checkpoint, on_commit)
-    return trainer_class(
+def _trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    prepared: data.Prepared,
+    rows: data.Rows,
+    tracker: tracking.Tracker,
+    callbacks: list[Any],
+) -> Any:
+    from tunelab.checkpoints.trainer import CheckpointingTrainer
+
+    return CheckpointingTrainer(
         model=model,
-        args=training_arguments(cfg, run_dir, has_eval=eval_set is not None),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        args=training_arguments(cfg, run_dir, has_eval=prepared.eval is not None),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
         data_collator=data.collator(tokenizer),
         processing_class=tokenizer,
-        compute_metrics=data.metrics_fn(rows.has_completions),
-        preprocess_logits_for_metrics=data.argmax_logits,
-        callbacks=[tracking.trainer_callback(tracker), stopper],
+        compute_metrics=metrics.causal_lm(rows.has_completions),
+        preprocess_logits_for_metrics=metrics.argmax_logits,
+        callbacks=callbacks,
+        checkpoint=cfg.checkpoint,
+        on_commit=tracker.checkpoint_hook(cfg.tracking.log_checkpoints),
     )
 
 
@@ -224,6 +225,8 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
     """`training` and `checkpoint` mapped onto transformers.TrainingArguments."""
     import torch
     from transformers import TrainingArguments
+
+    from tunelab.checkpoints.trainer import trainer_arguments
 
     t = cfg.training
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -258,7 +261,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
         include_num_input_tokens_seen="non_padding",  # for tokens/s
         seed=cfg.seed,
         data_seed=cfg.seed,
-        **checkpoints.trainer_arguments(cfg.checkpoint),
+        **trainer_arguments(cfg.checkpoint),
     )
 
 

@@ -66,15 +66,20 @@ class BackgroundWriter:
             ) from error
 
     def callback(self) -> Any:
+        """A TrainerCallback raising a failed write at the next step, and ending training (for
+        every callback after it) only once the last checkpoint is committed."""
         from transformers import TrainerCallback
 
         writer = self
 
-        class RaiseWriteErrors(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        class WaitForWrites(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 writer.check()
 
-        return RaiseWriteErrors()
+            def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                writer.wait()
+
+        return WaitForWrites()
 
 
 def _header(specs: list[tuple[str, Any, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:

@@ -13,30 +13,28 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from tunelab import artifacts, config
+from tunelab import metrics as tunelab_metrics
+from tunelab.tracking import store
 
 log = logging.getLogger("tunelab")
 
 SWEEP_RECORD = "sweep.json"
 
 
-def objective_name(cfg: Any, metrics: dict[str, float]) -> str:
-    """`sweep.objective`, else the task's own metric: exact match where there is one, else the
-    eval loss (else the train loss, for runs without an eval set)."""
+def objective_name(cfg: Any, metrics: dict[str, float], has_completions: bool) -> str:
+    """`sweep.objective`, else the task's default objective among the run's `metrics`."""
     if cfg.sweep.objective:
-        return cfg.sweep.objective
-    for name in ("eval_exact_match", "eval_loss", "train_loss"):
-        if name in metrics:
-            return name
-    return "eval_loss"
+        return str(cfg.sweep.objective)
+    return tunelab_metrics.default_objective(cfg.model.task, has_completions, metrics)
 
 
 def direction(cfg: Any, objective: str) -> str:
-    from tunelab.checkpoints import mode_for
-
-    return {"min": "minimize", "max": "maximize"}[mode_for(objective, cfg.sweep.direction)]
+    """minimize or maximize: `sweep.direction`, else what the objective's name says."""
+    return tunelab_metrics.optuna_direction(objective, cfg.sweep.direction)
 
 
 def job_count(task_overrides: list[str]) -> int | None:
@@ -95,8 +93,8 @@ def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) ->
     if jobs is not None:
         tags["tunelab.sweep_jobs"] = str(jobs)
     previous = parent_run_id(sweep_dir)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    tracking.check_reachable(uri)
+    uri = store.resolve_uri(cfg.tracking.uri)
+    store.check_reachable(uri)
     parent = tracking.MlflowTracker(
         uri, cfg.tracking.experiment, f"sweep:{name}", tags, previous, reopen_finished=True
     )
@@ -110,12 +108,10 @@ def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) ->
 def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
     """Tag the parent with the best job and the failed ones, end it, and return the jobs
     (best first, failed last) for the summary."""
-    from tunelab import tracking
-
     run_id = parent_run_id(sweep_dir)
     if cfg.tracking.backend == "none" or not run_id:
         return []
-    client = tracking.client_for(cfg.tracking.uri)
+    client = store.client_for(cfg.tracking.uri)
     jobs = children(client, run_id)
     done = [j for j in jobs if j["objective"] is not None]
     tags: dict[str, str] = {"tunelab.sweep_finished_jobs": str(len(done))}
@@ -171,9 +167,7 @@ def find_parent(uri: str | None, experiment: str, ref: str) -> list[dict[str, An
     """The jobs of the sweep whose parent run has id `ref`, or name `ref` / `sweep:ref`."""
     from mlflow.exceptions import MlflowException
 
-    from tunelab import tracking
-
-    client = tracking.client_for(uri)
+    client = store.client_for(uri)
     try:
         return children(client, client.get_run(ref).info.run_id)
     except MlflowException:
@@ -206,13 +200,7 @@ def summary(jobs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _hydra_callback_base() -> type:
-    from hydra.experimental.callback import Callback
-
-    return Callback
-
-
-class SweepCallback(_hydra_callback_base()):  # type: ignore[misc]
+class SweepCallback(Callback):
     """Hydra callback: the parent run around a multirun."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -16,13 +16,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf reads these
+from typing import Any, Dict, Literal, Optional  # noqa: UP035 - OmegaConf reads these
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
+from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
@@ -56,20 +57,27 @@ def distribution(override: Override) -> Any:
     value = override.value()
     log_scale = "log" in getattr(value, "tags", set())
     if isinstance(value, ChoiceSweep):
-        return d.CategoricalDistribution(list(override.sweep_iterator()))
+        choices: list[Any] = list(override.sweep_iterator())
+        return d.CategoricalDistribution(choices)
     if isinstance(value, RangeSweep):
         lo, hi, step = value.start, value.stop, value.step
-        if all(isinstance(x, int) for x in (lo, hi, step)):
-            return d.IntDistribution(int(lo), int(hi) - int(step), step=int(step), log=log_scale)
+        assert lo is not None and hi is not None and step is not None  # Hydra's parser sets them
+        if isinstance(lo, int) and isinstance(hi, int) and isinstance(step, int):
+            return d.IntDistribution(lo, hi - step, step=step, log=log_scale)
         return d.FloatDistribution(lo, hi - step, step=step)
     if isinstance(value, IntervalSweep):
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return d.IntDistribution(value.start, value.end, log=log_scale)
-        return d.FloatDistribution(value.start, value.end, log=log_scale)
+        start, end = value.start, value.end
+        assert start is not None and end is not None
+        if isinstance(start, int) and isinstance(end, int):
+            return d.IntDistribution(start, end, log=log_scale)
+        return d.FloatDistribution(start, end, log=log_scale)
     raise ValueError(f"{override.input_line}: not a search space (use choice, range or interval)")
 
 
 class OptunaSweeper(Sweeper):
+    config: DictConfig
+    launcher: Launcher
+
     def __init__(self, **conf: Any) -> None:
         self.conf = OptunaSweeperConf(**{k: v for k, v in conf.items() if k != "_target_"})
 
@@ -81,21 +89,24 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
-    def direction(self) -> str:
+    def direction(self) -> Literal["minimize", "maximize"]:
         """The study's direction: set here, or what the jobs' objective wants."""
-        from tunelab.checkpoints import mode_for
+        from tunelab import metrics
 
         if self.conf.direction:
-            return self.conf.direction
-        sweep, kind = self.config.sweep, self.config.data.type
-        objective = sweep.objective or ("eval_exact_match" if kind == "addition" else None)
+            return "minimize" if self.conf.direction == "minimize" else "maximize"
+        sweep, cfg = self.config.sweep, self.config
+        # Only generated data is known to have completions before any job reads its files.
+        objective = sweep.objective or (
+            metrics.default_objective(cfg.model.task, True) if cfg.data.type == "addition" else None
+        )
         if objective is None and not sweep.direction:
             raise ValueError(
                 "hydra.sweeper.direction: set it (maximize or minimize), or sweep.objective, "
                 "so the study knows which way is better for this data"
             )
-        mode = mode_for(objective or "", sweep.direction)
-        return {"min": "minimize", "max": "maximize"}[mode]
+        mode = metrics.mode(objective or "", sweep.direction)
+        return "minimize" if mode == "min" else "maximize"
 
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
@@ -103,7 +114,7 @@ class OptunaSweeper(Sweeper):
         parser = OverridesParser.create()
         lines = [*arguments, *(f"{k}={v}" for k, v in self.conf.params.items())]
         parsed = parser.parse_overrides(lines)
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        fixed = [str(o.input_line) for o in parsed if not o.is_sweep_override()]
         space = {o.get_key_element(): distribution(o) for o in parsed if o.is_sweep_override()}
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -128,20 +139,20 @@ class OptunaSweeper(Sweeper):
         done = len(study.get_trials(states=finished))
         job_idx = len(study.trials)
         while done < self.conf.n_trials:
-            trials = [
+            asked = [
                 study.ask(space) for _ in range(min(self.conf.n_jobs, self.conf.n_trials - done))
             ]
-            batch = [fixed + [f"{k}={t.params[k]}" for k in space] for t in trials]
+            batch = [fixed + [f"{k}={t.params[k]}" for k in space] for t in asked]
             self.validate_batch_is_legal(batch)
             returns = self.launcher.launch(batch, initial_job_idx=job_idx)
             job_idx += len(batch)
-            for trial, ret in zip(trials, returns, strict=True):
+            for asked_trial, ret in zip(asked, returns, strict=True):
                 value = ret.return_value if ret.status == JobStatus.COMPLETED else None
                 if isinstance(value, (int, float)) and not math.isnan(value):
-                    study.tell(trial, float(value))
+                    study.tell(asked_trial, float(value))
                     done += 1
                 else:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    study.tell(asked_trial, state=optuna.trial.TrialState.FAIL)
                     done += 1  # a failed trial counts, or a broken config would loop forever
         try:
             best = study.best_trial

@@ -1,0 +1,36 @@
+"""Checkpoints that survive crashes: the on-disk protocol (protocol), which ones stay
+(rotation), the Trainer that writes them in the background (trainer) and the stop on a signal
+(signals). The last two import transformers: import them where training happens."""
+
+from tunelab.checkpoints.protocol import (
+    ARGS_JSON,
+    CHECKSUM,
+    CORRUPT,
+    PARTIAL,
+    PREFIX,
+    clean_incomplete,
+    commit,
+    committed,
+    latest_valid,
+    partial_dir,
+    resume_point,
+    step_of,
+)
+from tunelab.checkpoints.rotation import best_checkpoint, rotate
+
+__all__ = [
+    "ARGS_JSON",
+    "CHECKSUM",
+    "CORRUPT",
+    "PARTIAL",
+    "PREFIX",
+    "best_checkpoint",
+    "clean_incomplete",
+    "commit",
+    "committed",
+    "latest_valid",
+    "partial_dir",
+    "resume_point",
+    "rotate",
+    "step_of",
+]

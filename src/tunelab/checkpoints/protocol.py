@@ -1,0 +1,148 @@
+"""The on-disk protocol of a checkpoint: written, committed, found, verified, removed.
+
+A checkpoint is *complete* only when its `manifest.json` (xxh3-128 checksum and size of every
+file, step, epoch, metrics) has been written last and fsynced: a directory without a valid
+manifest is never resumed from, never counted as kept, and is removed at the next start. A
+background write goes to `.checkpoint-<step>.partial/` and is renamed to `checkpoint-<step>/`
+after its manifest. Resume verifies checksums and falls back to the next older checkpoint when
+one does not match.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunelab import artifacts
+
+log = logging.getLogger("tunelab")
+
+PREFIX = "checkpoint-"
+PARTIAL = ".partial"  # `.checkpoint-<step>.partial/`: being written in the background
+CORRUPT = ".corrupt"  # checkpoints whose files no longer match their manifest are moved here
+ARGS_JSON = "training_args.json"
+CHECKSUM = "xxh3_128"
+# Testing hook: seconds a checkpoint stays uncommitted (before the background write, or between
+# Trainer's synchronous write and the manifest), so a test can kill the process mid-commit.
+_COMMIT_DELAY = "TUNELAB_TEST_COMMIT_DELAY"
+
+# Told of each commit: the new checkpoint, what rotation removed, the best checkpoint now.
+OnCommit = Callable[[Path, list[Path], "Path | None"], None]
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def commit(
+    ckpt: Path,
+    step: int,
+    epoch: float | None,
+    metrics: dict[str, float],
+    written: Path | None = None,
+    known: dict[str, str] | None = None,
+) -> None:
+    """Make `ckpt` complete: fsync every file, then write the manifest last (and fsync it). With
+    `written` (a `.partial` directory), the files are there and are renamed to `ckpt` after.
+    `known`: checksums already taken from memory, by file name."""
+    if written is None:
+        test_delay()
+    info = {"kind": "checkpoint", "step": step, "epoch": epoch, "metrics": metrics}
+    artifacts.write_manifest(written or ckpt, info, checksum=CHECKSUM, known=known)
+    if written is not None:
+        artifacts.replace_dir(written, ckpt)  # fsyncs checkpoints/
+    else:
+        artifacts.fsync_dir(ckpt.parent)  # the checkpoint's own entry in checkpoints/
+
+
+def test_delay() -> None:
+    delay = float(os.environ.get(_COMMIT_DELAY, "0") or 0)
+    if delay:
+        time.sleep(delay)
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    return root / f".{PREFIX}{step}{PARTIAL}"
+
+
+def manifest_of(ckpt: Path) -> dict[str, Any] | None:
+    return artifacts.read_manifest(ckpt) or None
+
+
+def _candidates(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    found = [p for p in found if p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def committed(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, newest first (manifest present; files not re-hashed)."""
+    return [p for p in _candidates(root) if manifest_of(p) is not None]
+
+
+def clean_incomplete(root: Path) -> list[Path]:
+    """Remove checkpoint directories that have no valid manifest (a write that never finished)."""
+    removed = []
+    for path in _candidates(root):
+        if manifest_of(path) is None:
+            log.warning("removing incomplete checkpoint %s (no manifest: never committed)", path)
+            remove(path)
+            removed.append(path)
+    for leftover in root.glob(f".{PREFIX}*{PARTIAL}") if root.is_dir() else []:
+        log.warning("removing incomplete checkpoint %s (its write never finished)", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    for leftover in root.glob(".deleting-*") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed
+
+
+def latest_valid(root: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest. Ones that fail verification are
+    moved to `.corrupt/` with a warning, and an older one is tried."""
+    for path in committed(root):
+        problems = artifacts.verify_manifest(path)
+        if not problems:
+            return path
+        target = root / CORRUPT / f"{path.name}-{int(time.time())}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        log.warning(
+            "checkpoint %s does not match its manifest (%s); moved to %s, trying an older one",
+            path,
+            "; ".join(problems[:3]),
+            target,
+        )
+    return None
+
+
+def resume_point(resume: str, root: Path) -> Path | None:
+    """The checkpoint to resume from: the newest valid one under `root` for `auto`, none for
+    `never`, or the verified checkpoint at `resume`. Incomplete checkpoints are removed first."""
+    clean_incomplete(root)
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = latest_valid(root)
+        if found:
+            log.info("resuming from %s", found)
+        return found
+    path = Path(resume).expanduser().resolve()
+    problems = artifacts.verify_manifest(path)
+    if problems:
+        raise RuntimeError(f"resume={resume}: not a complete tunelab checkpoint: {problems[0]}")
+    return path
+
+
+def remove(path: Path) -> None:
+    # Rename first: a crash mid-delete leaves `.deleting-*`, never a checkpoint-N missing files.
+    doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

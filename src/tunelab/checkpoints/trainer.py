@@ -1,0 +1,204 @@
+"""Trainer with crash-safe checkpoint commits, background writes and tunelab's rotation.
+
+By default (`checkpoint.async_write`) the training loop only copies the state into reused CPU
+buffers at the step boundary (tunelab.snapshots); a background thread writes the `.partial`
+directory, commits it (manifest last, tunelab.checkpoints.protocol) and rotates. One write is in
+flight at a time: the next checkpoint, the end of training and a stop on SIGTERM wait for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, cast
+
+from transformers import Trainer
+
+from tunelab import metrics, snapshots
+from tunelab.checkpoints.protocol import (
+    ARGS_JSON,
+    PREFIX,
+    OnCommit,
+    commit,
+    committed,
+    partial_dir,
+)
+from tunelab.checkpoints.protocol import test_delay as _test_delay
+from tunelab.checkpoints.rotation import best_checkpoint, rotate
+
+log = logging.getLogger("tunelab")
+
+
+def trainer_arguments(cfg: Any) -> dict[str, Any]:
+    """TrainingArguments for the `checkpoint` group. Trainer's own rotation is off
+    (save_total_limit=None): `rotate` runs after each commit instead."""
+    strategy = cfg.strategy
+    if strategy == "none":
+        return {"save_strategy": "no"}
+    args: dict[str, Any] = {"save_strategy": strategy, "save_total_limit": None}
+    if strategy == "steps":
+        args["save_steps"] = cfg.every
+    if strategy == "best":
+        metric = metrics.eval_name(cfg.metric)
+        args["metric_for_best_model"] = metric
+        args["greater_is_better"] = metrics.mode(metric, cfg.mode) == "max"
+    return args
+
+
+class CheckpointingTrainer(Trainer):
+    """`checkpoint`: the run's checkpoint config; `on_commit`: see OnCommit (called from the
+    writer thread when checkpoints are written in the background)."""
+
+    def __init__(
+        self, *args: Any, checkpoint: Any, on_commit: OnCommit | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep: int | None = checkpoint.keep
+        self.best_metric: str | None = checkpoint.metric
+        self.best_mode: str | None = checkpoint.mode
+        self.rotation_metric = checkpoint.metric if checkpoint.keep_best else None
+        self.background: bool = checkpoint.async_write
+        self.on_commit = on_commit
+        self.writer = snapshots.BackgroundWriter()
+        self.snapshot = snapshots.Snapshot()
+        # First, so every other callback's on_train_end comes after the last commit.
+        self.callback_handler.callbacks.insert(0, self.writer.callback())
+
+    # Override: training ends only when the last checkpoint is committed, whatever ended it
+    # (an exception skips on_train_end).
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            out = super().train(*args, **kwargs)
+        except BaseException:
+            self.writer.wait(raise_error=False)
+            raise
+        self.writer.wait()
+        return out
+
+    # Override: Trainer pickles TrainingArguments into training_args.bin; a checkpoint keeps
+    # them as JSON instead, so nothing in it needs a full unpickler.
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        out = Path(output_dir or str(self.args.output_dir))
+        if self.args.should_save:
+            (out / "training_args.bin").unlink(missing_ok=True)
+            (out / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+
+    # Override: the one place Trainer writes a checkpoint; ours commits and rotates after it.
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.background and self._can_write_in_background():
+            self._save_in_background(trial)
+            return
+        # Trainer's synchronous in-place write, then commit (manifest last) and rotate.
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            root = Path(self._get_output_dir(trial=trial))
+            step = self.state.global_step
+            path = root / f"{PREFIX}{step}"
+            commit(path, step, self.state.epoch, _metrics_at(self.state, step))
+            self._rotated(root, path)
+
+    # Override: read tunelab's safetensors/JSON optimizer and scheduler state when present
+    # (Trainer's own .pt files otherwise: checkpoints of plain Trainer still resume).
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not (Path(checkpoint) / snapshots.OPTIMIZER).is_file():
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        assert self.optimizer is not None and self.lr_scheduler is not None  # created by now
+        self.optimizer.load_state_dict(snapshots.load_optimizer(Path(checkpoint)))
+        self.lr_scheduler.load_state_dict(snapshots.load_scheduler(Path(checkpoint)))
+
+    def _can_write_in_background(self) -> bool:
+        # Sharded states (DeepSpeed, FSDP) are gathered with collectives: Trainer's own path.
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_in_background(self, trial: Any) -> None:
+        """At the step boundary: wait for the previous commit, copy the state into CPU
+        buffers, write the small files; the big ones and the commit go to the writer."""
+        self.writer.wait()  # one checkpoint in flight; raises if the previous one failed
+        if not self.args.should_save:
+            return  # DDP: every rank holds the same state, rank 0 writes it
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        root = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        final, partial = root / f"{PREFIX}{step}", partial_dir(root, step)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+
+        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        tensors = snapshots.weights_to_save(unwrapped)
+        weights: snapshots.StagedFile | dict[str, Any]
+        if tensors is not None:
+            # As save_pretrained does, and here where nothing else touches the config.
+            unwrapped.config.dtype = str(unwrapped.dtype).split(".")[1]
+            unwrapped.config.architectures = [unwrapped.__class__.__name__]
+            weights = self.snapshot.stage("model", tensors, {"format": "pt"})
+        else:
+            weights = self.snapshot.take("model", unwrapped.state_dict())
+        assert self.optimizer is not None and self.lr_scheduler is not None  # training
+        optimizer = self.snapshot.stage_optimizer(self.optimizer.state_dict())
+        scheduler = copy.deepcopy(self.lr_scheduler.state_dict())
+        self.snapshot.ready()
+        # Small and tied to this moment: written now (milliseconds).
+        self._save_rng_state(str(partial))
+        self._save_scaler(str(partial))
+        if self.state.best_global_step:
+            best = root / f"{PREFIX}{self.state.best_global_step}"
+            if best.exists() or self.state.best_global_step == step:
+                self.state.best_model_checkpoint = str(best)
+        self._export_callback_state()
+        self.state.save_to_json(str(partial / "trainer_state.json"))
+        (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+        epoch, at_step = self.state.epoch, _metrics_at(self.state, step)
+
+        def write() -> None:
+            _test_delay()  # training goes on meanwhile: the snapshot must not change
+            try:
+                known = snapshots.save_weights(unwrapped, weights, partial)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(partial)
+                known |= snapshots.save_optimizer(optimizer, partial)
+                snapshots.save_scheduler(scheduler, partial)
+                commit(final, step, epoch, at_step, written=partial, known=known)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)  # frees the space it took
+                raise
+            self._rotated(root, final)
+
+        self.writer.start(write, f"checkpoint-{step}")
+
+    def _export_callback_state(self) -> None:
+        from transformers.trainer_callback import ExportableState
+
+        handlers = [*self.callback_handler.callbacks, self.control]
+        stateful = cast(dict[str, Any], self.state.stateful_callbacks)  # a dict by now
+        for cb in [cb for cb in handlers if isinstance(cb, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(stateful.get(name), list):
+                stateful[name].append(cb.state())
+            else:
+                stateful[name] = cb.state()
+
+    def _rotated(self, root: Path, path: Path) -> None:
+        removed = rotate(root, self.keep, self.rotation_metric, self.best_mode)
+        for old in removed:
+            log.info("rotated away %s", old.name)
+        if self.on_commit is not None:
+            best = (
+                best_checkpoint(committed(root), self.best_metric, self.best_mode)
+                if self.best_metric
+                else None
+            )
+            self.on_commit(path, removed, best)
+
+
+def _metrics_at(state: Any, step: int) -> dict[str, float]:
+    """Eval metrics logged at exactly `step` (empty when no evaluation ran there)."""
+    out: dict[str, float] = {}
+    for entry in state.log_history:
+        if entry.get("step") == step:
+            out.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return out

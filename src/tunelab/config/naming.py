@@ -1,0 +1,109 @@
+"""Run names: the same overrides always give the same, readable, filesystem-safe name, and the
+Hydra resolvers that turn them into run, sweep and job directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# Overrides that do not change what is trained, so they do not change the run's directory.
+_NAME_EXCLUDED = ("resume", "tracking", "output", "training.progress_bar", "sweep", "hydra")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
+_MAX_NAME = 120
+
+
+def run_name(overrides: Iterable[str]) -> str:
+    """A directory-safe name built from the task overrides; `default` when there are none.
+
+    `training.lr=1e-4 seed=2` gives `seed-2+training.lr-1e-4`: order does not matter, and the
+    name needs no quoting in a shell or in a Hydra override (a later `model.name_or_path=` can
+    point at it). Characters outside [A-Za-z0-9._@-] become `_`; whenever that, a `-` in a key, or
+    shortening could make two different commands share a name, a short hash of the exact
+    overrides is appended.
+    """
+    kept = sorted(o.lstrip("+~") for o in overrides if not _excluded(o))
+    if not kept:
+        return "default"
+    items, lossy = [], False
+    for override in kept:
+        key, _, value = override.partition("=")
+        safe_key, safe_value = _UNSAFE.sub("_", key), _UNSAFE.sub("_", value)
+        lossy |= safe_key != key or safe_value != value or "-" in key
+        items.append(f"{safe_key}-{safe_value}")
+    name = "+".join(items)
+    if lossy or len(name) > _MAX_NAME:
+        digest = hashlib.sha1("\0".join(kept).encode()).hexdigest()[:8]
+        name = f"{name[:_MAX_NAME]}-{digest}"
+    return name
+
+
+def fingerprint(resolved: dict[str, Any]) -> str:
+    """sha256 of what decides the trained model: the resolved config less the keys that do not
+    change it (the same ones left out of run names)."""
+    kept = {k: v for k, v in resolved.items() if not _excluded(k) and k != "hydra"}
+    if isinstance(kept.get("training"), dict):
+        kept["training"] = {k: v for k, v in kept["training"].items() if k != "progress_bar"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _excluded(override: str) -> bool:
+    key = key_of(override)
+    return any(key == k or key.startswith(k + ".") for k in _NAME_EXCLUDED)
+
+
+def key_of(override: str) -> str:
+    """`+a.b=1` -> `a.b`."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def run_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
+    """The run directory's name: the run name, plus a unique suffix when `resume=never` asks
+    for a fresh directory (the same within one process, so a sweep's jobs share it)."""
+    name = run_name(overrides)
+    return f"{name}@{_FRESH_SUFFIX}" if str(resume) == "never" else name
+
+
+_FRESH_SUFFIX = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+# Set by the sweep callback before any job starts (and inherited by launcher workers): the
+# sweep directory's name and the keys the sweep varies.
+SWEEP_ENV = "TUNELAB_SWEEP"
+
+
+def _sweep() -> dict[str, Any]:
+    found = json.loads(os.environ.get(SWEEP_ENV) or "{}")
+    return found if isinstance(found, dict) else {}
+
+
+def sweep_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
+    """The sweep's directory: fixed once for the whole sweep (a job's own overrides would
+    otherwise re-derive it), from the sweep overrides, so the same -m command finds it again."""
+    return str(_sweep().get("dir_name") or run_dir_name(overrides, resume))
+
+
+def job_name(overrides: Iterable[str]) -> str:
+    """A sweep job's name: only what sets it apart from its siblings, e.g.
+    `seed-1+training.lr-0.001`."""
+    swept = set(_sweep().get("swept", []))
+    return run_name([o for o in overrides if key_of(o) in swept])
+
+
+def register_resolvers() -> None:
+    """`${tunelab.run_dir:...}`, `${tunelab.sweep_dir:...}`, `${tunelab.job_dir:...}` for
+    conf/train.yaml's hydra.run.dir and hydra.sweep.dir."""
+    if OmegaConf.has_resolver("tunelab.run_dir"):
+        return
+    OmegaConf.register_new_resolver(
+        "tunelab.run_dir", lambda ov, resume="auto": run_dir_name(list(ov or []), resume)
+    )
+    OmegaConf.register_new_resolver(
+        "tunelab.sweep_dir", lambda ov, resume="auto": sweep_dir_name(list(ov or []), resume)
+    )
+    OmegaConf.register_new_resolver("tunelab.job_dir", lambda ov: job_name(list(ov or [])))

@@ -1,0 +1,154 @@
+"""Where runs are tracked: the store's URI, whether it answers, a client for it, the experiment,
+links into its UI, and reading runs back for `tunelab runs`."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
+LOCAL_UI = "http://127.0.0.1:5000"  # what `tunelab ui` serves a local store on
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached; raised before anything is trained."""
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI, always absolute: `uri`, else $MLFLOW_TRACKING_URI, else
+    sqlite:///<cwd>/mlflow.db. A relative sqlite path or a bare *.db path is made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        return "sqlite:///" + str(Path(path).expanduser().resolve())
+    if "://" not in uri and uri.endswith(".db"):
+        return "sqlite:///" + str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a sqlite store, artifacts live beside the database in `mlartifacts/`."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts")
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is down."""
+    if not is_server(uri):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered (an auth proxy, a path it does not serve): it is up
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(f"tracking server {uri} cannot be reached ({reason})") from None
+
+
+def client_for(uri: str | None) -> Any:
+    """An MlflowClient for the store `uri` names (resolved), once it answers."""
+    from mlflow import MlflowClient
+
+    resolved = resolve_uri(uri)
+    check_reachable(resolved)
+    return MlflowClient(tracking_uri=resolved)
+
+
+@contextmanager
+def default_store(uri: str) -> Iterator[None]:
+    """Make `uri` MLflow's default store while the block runs: MLflow 3.17 resolves
+    runs:/ID/model -> models:/ID against the default store, whatever store was passed."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link to the experiment (or run) in the UI of the store actually used: the server's own
+    address, or `tunelab ui`'s local one for a file or database store."""
+    base = uri.rstrip("/") if is_server(uri) else LOCAL_UI
+    page = f"{base}/#/experiments/{experiment_id}"
+    return f"{page}/runs/{run_id}" if run_id else page
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """What a finished run prints: the link, and for a local store the command that serves it."""
+    url = ui_url(uri, experiment_id, run_id)
+    return url if is_server(uri) else f"tunelab ui  ->  {url}"
+
+
+def experiment_id(client: Any, name: str, root: str | None) -> str:
+    """The id of experiment `name`, created (with its artifacts under `root`) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if root:
+        slug = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        location = Path(root, slug).as_uri()
+    try:
+        # experimentKind opens the experiment in the UI's "Model training" view, not GenAI's.
+        kind = {"mlflow.experimentKind": "custom_model_development"}
+        return str(client.create_experiment(name, artifact_location=location, tags=kind))
+    except MlflowException:  # created meanwhile by a parallel job
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
+def _artifact_of(tags: dict[str, str]) -> str:
+    """Where a run's artifact is on disk: `<run dir>/model`, or a sweep parent's directory."""
+    if "tunelab.run_dir" in tags:
+        return tags["tunelab.run_dir"] + "/model"
+    return tags.get("tunelab.sweep_dir", "-")
+
+
+def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[str, Any]]:
+    """Rows for `tunelab runs`, newest first (stale RUNNING runs are repaired first)."""
+    from tunelab import metrics
+    from tunelab.tracking.liveness import repair_stale
+
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    repair_stale(client, exp.experiment_id)
+    rows = []
+    newest_first = ["attributes.start_time DESC"]
+    for run in client.search_runs([exp.experiment_id], max_results=limit, order_by=newest_first):
+        info, m = run.info, run.data.metrics
+        end = info.end_time or int(time.time() * 1000)
+        rows.append(
+            {
+                "run_id": info.run_id,
+                "name": info.run_name,
+                "status": info.status,
+                **{name: m.get(name) for name in metrics.SUMMARY},
+                "duration_s": (end - info.start_time) / 1000,
+                "artifact": _artifact_of(run.data.tags),
+            }
+        )
+    return rows

@@ -1,0 +1,375 @@
+"""One tracked run: the `Tracker` protocol, with an MLflow tracker and a tracker that does
+nothing (`tracking=none`) as siblings, and the run's start, inputs and honest end status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from tunelab import artifacts
+from tunelab.tracking import store
+from tunelab.tracking.liveness import process_tags, repair_stale
+from tunelab.tracking.uploads import OnCommit
+
+log = logging.getLogger("tunelab")
+
+MAX_PARAM_VALUE = 6000  # MLflow's limit; longer values are truncated, never dropped
+MAX_PARAM_KEY = 250
+_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+_PER_PROCESS_TAGS = ("tunelab.resumed", "tunelab.host", "tunelab.pid")
+
+
+class Tracker(Protocol):
+    """What the runner and Trainer's callback tell the tracking store."""
+
+    run_id: str | None
+    ui_hint: str | None
+    continued: bool  # an earlier process of this run already logged its params
+
+    def checkpoint_hook(self, policy: str) -> OnCommit | None: ...
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None: ...
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def describe(self, text: str) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None: ...
+    def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None: ...
+    def finish(self, status: str, error: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """`tracking=none`, or a store that is down with tracking.required=false: the run trains
+    and writes its artifact, nothing is logged."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.ui_hint: str | None = None
+        self.continued = False
+
+    def checkpoint_hook(self, policy: str) -> OnCommit | None:
+        return None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
+        pass
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        pass
+
+    def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None:
+        return None
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        pass
+
+
+class MlflowTracker:
+    """One MLflow run, written through MlflowClient (no global active-run state)."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        previous_run_id: str | None = None,
+        reopen_finished: bool = False,
+    ) -> None:
+        """Continue `previous_run_id` when the store still has it unfinished (a resumed run keeps
+        its run id, status back to RUNNING), or even finished with `reopen_finished` (a sweep's
+        parent); otherwise create a new run."""
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = store.experiment_id(self.client, experiment, store.artifact_root(uri))
+        run = _unfinished_run(self.client, previous_run_id, self.experiment_id, reopen_finished)
+        self.continued = run is not None
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            resumes = int(run.data.tags.get("tunelab.resumes", "0")) + 1
+            self.client.set_tag(run.info.run_id, "tunelab.resumes", str(resumes))
+        self.run_id: str | None = run.info.run_id
+        if self.continued:  # a new process: who runs it now, and from where it resumed
+            self.set_tags({k: v for k, v in tags.items() if k.startswith(_PER_PROCESS_TAGS)})
+        self.artifact_uri = run.info.artifact_uri
+        self._pending: list[Any] = []
+        self._uploader: Any = None
+        self._system: Any = None
+        self._overrides = tags.get("tunelab.overrides", "")
+        self.ui_hint: str | None = store.ui_hint(uri, self.experiment_id, run.info.run_id)
+
+    @property
+    def id(self) -> str:
+        assert self.run_id is not None
+        return self.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.id, params=items[i : i + _BATCH])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Queued on MLflow's background logger, so training never waits on the store."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(metric_key(k), float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        if batch:
+            self._pending.append(self.client.log_batch(self.id, batch, synchronous=False))
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.id, str(local_dir), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.id, text, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def describe(self, text: str) -> None:
+        """The run's one-line description in the UI (mlflow.note.content)."""
+        self.set_tags({"mlflow.note.content": f"{text}; overrides: {self._overrides}"})
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        """The data as an MLflow dataset input (the UI's Datasets column): name, digest, source.
+        Only metadata is logged, never the rows."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        # MetaDataset's stub marks `profile` abstract; the class implements it (returns None).
+        dataset = MetaDataset(  # type: ignore[abstract]
+            source=_dataset_source(source), name=name, digest=digest[:36]
+        )
+        entity = dataset._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", context), InputTag("tunelab.rows", str(rows))]
+        self.client.log_inputs(self.id, datasets=[DatasetInput(entity, tags)])
+
+    def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None:
+        from tunelab.tracking.logged_model import log_model
+
+        return log_model(self, Path(local_dir), metrics, step)
+
+    def checkpoint_hook(self, policy: str) -> OnCommit | None:
+        """For tracking.log_checkpoints: a commit hook that mirrors checkpoints into the run's
+        artifacts (`checkpoints/checkpoint-<step>/`) on a background thread."""
+        from tunelab.tracking.uploads import CheckpointUploader
+
+        if policy == "none":
+            return None
+        uploader = CheckpointUploader(self, policy)
+        self._uploader = uploader
+        return uploader.on_commit
+
+    def start_system_metrics(self) -> None:
+        """CPU, memory, disk, network (and GPU when pynvml finds one), sampled in a thread."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(
+            self.id, sampling_interval=5, resume_logging=self.continued, tracking_uri=self.uri
+        )
+        self._system.start()
+
+    def flush(self) -> None:
+        for op in self._pending:
+            if op is not None:
+                op.wait()
+        self._pending.clear()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if self._uploader is not None:
+            self._uploader.close()  # a FINISHED run has all its checkpoint uploads done
+            self._uploader = None
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
+        self.flush()
+        if error:
+            self.set_tags({"tunelab.error": error[:5000]})
+        self.client.set_terminated(self.id, status)
+
+
+def metric_key(key: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"}; lists become JSON; values cut at MLflow's limit."""
+    out: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    value = json.dumps(tree) if isinstance(tree, (list, tuple)) else str(tree)
+    if len(value) > MAX_PARAM_VALUE:
+        marker = "...[truncated]"
+        value = value[: MAX_PARAM_VALUE - len(marker)] + marker
+    out[prefix.rstrip(".")[:MAX_PARAM_KEY]] = value
+    return out
+
+
+def _dataset_source(source: str) -> Any:
+    """A file source for local files, a code source for data generated in code."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if Path(source).exists():
+        return resolve_dataset_source(str(Path(source).resolve()))
+    return CodeDatasetSource(tags={"generator": source})
+
+
+def _unfinished_run(
+    client: Any, run_id: str | None, experiment_id: str, reopen_finished: bool = False
+) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+    return run if ok and (reopen_finished or run.info.status != "FINISHED") else None
+
+
+def start(
+    cfg: Any,
+    run_name: str,
+    tags: dict[str, str],
+    resolved: dict[str, Any],
+    overrides: list[str],
+    previous_run_id: str | None = None,
+) -> Tracker:
+    """A tracker for `cfg.tracking`: an MLflow run (continued when `previous_run_id` is still
+    unfinished, so a resumed run never re-logs its params), or a tracker that does nothing.
+    Stale RUNNING runs left by dead processes are marked KILLED on the way."""
+    if cfg.tracking.backend == "none":
+        return NullTracker()
+    uri = store.resolve_uri(cfg.tracking.uri)
+    try:
+        store.check_reachable(uri)
+    except store.TrackingUnavailable as exc:
+        if cfg.tracking.required:
+            raise
+        log.warning(
+            "%s; training without tracking (tracking.required=false). When the store is back, "
+            "run the same command again: it finds the finished artifact and uploads it.",
+            exc,
+        )
+        return NullTracker()
+    tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name, tags, previous_run_id)
+    repair_stale(tracker.client, tracker.experiment_id, keep=tracker.run_id)
+    if cfg.tracking.system_metrics:
+        tracker.start_system_metrics()
+    if not tracker.continued:
+        from omegaconf import OmegaConf
+
+        tracker.log_params(flatten(resolved))
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config/tunelab.yaml")
+        tracker.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
+    return tracker
+
+
+@contextmanager
+def recording(tracker: Tracker) -> Iterator[None]:
+    """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT after the checkpoint
+        tracker.finish("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
+        raise
+    except BaseException as exc:
+        tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.finish("FINISHED")
+
+
+def log_inputs(
+    tracker: Tracker, rows: Any, base: str, params: int, trainable: int, train_tokens: int
+) -> None:
+    """What went in: a one-line description, the datasets, and model and data sizes as params
+    (not again for a resumed run, whose params are already there)."""
+    tracker.describe(
+        f"{base} ({params / 1e6:.2f}M params) on {rows.source}: "
+        f"{len(rows.train)} train / {len(rows.eval)} eval rows"
+    )
+    if tracker.continued:
+        return
+    for split in ("train", "eval"):
+        if getattr(rows, split):
+            source = rows.split_sources.get(split, rows.source)
+            n_rows = len(getattr(rows, split))
+            tracker.log_dataset(
+                f"{rows.name}-{split}", rows.split_digest(split), source, split, n_rows
+            )
+    tracker.log_params(
+        {
+            "model.parameters": str(params),
+            "model.trainable_parameters": str(trainable),
+            "data.train_examples": str(len(rows.train)),
+            "data.eval_examples": str(len(rows.eval)),
+            "data.train_tokens": str(train_tokens),
+        }
+    )
+
+
+def log_outcome(tracker: Tracker, objective: str, direction: str) -> None:
+    tracker.set_tags({"tunelab.objective": objective, "tunelab.objective_direction": direction})
+
+
+def run_tags(
+    run_dir: Path,
+    overrides: list[str],
+    resumed_from: Path | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    git = artifacts.git_state()
+    tags = {
+        "mlflow.source.name": "tunelab train",
+        "mlflow.source.type": "LOCAL",
+        "tunelab.overrides": " ".join(overrides) if overrides else "(none)",
+        "tunelab.run_dir": str(Path(run_dir).resolve()),
+        "tunelab.version": artifacts.versions().get("tunelab", "unknown"),
+        "tunelab.versions": ", ".join(f"{k} {v}" for k, v in artifacts.versions().items()),
+        **process_tags(),
+        **(extra or {}),
+    }
+    if resumed_from:
+        tags["tunelab.resumed_from"] = str(resumed_from)
+    if git["commit"]:
+        tags["mlflow.source.git.commit"] = git["commit"]
+        tags["tunelab.git_dirty"] = str(git["dirty"]).lower()
+    return tags
