@@ -112,21 +112,39 @@ def write_manifest(
     return manifest
 
 
-def verify_manifest(directory: Path) -> list[str]:
-    """Problems with `directory` against its manifest (empty when every file matches)."""
+def verify_manifest(directory: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Problems with `directory` against its manifest (empty when every file matches, and no
+    file is there that the manifest does not list). `ignore`: top-level names others may add
+    beside the listed files (MLflow's own files in a store's copy)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if "files" not in manifest:
+    files = manifest.get("files")
+    if not isinstance(files, dict):
         return [f"{directory / MANIFEST}: missing or unreadable"]
     problems = []
-    for name, want in manifest.get("files", {}).items():
+    for name in files:
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+            problems.append(f"{directory / MANIFEST}: lists {name!r}, outside the directory")
+    if problems:
+        return problems
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        top = name.split("/", 1)[0]
+        if path.is_dir() or name == MANIFEST or name in files or top in ignore:
+            continue
+        problems.append(f"{path}: not listed in the manifest")
+    for name, want in files.items():
         path = directory / name
+        want = want if isinstance(want, dict) else {}
         checksum = next((c for c in CHECKSUMS if c in want), None)
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif checksum is None:
             problems.append(f"{path}: no checksum in the manifest")
-        elif path.stat().st_size != want["size"] or file_digest(path, checksum) != want[checksum]:
+        elif (
+            path.stat().st_size != want.get("size") or file_digest(path, checksum) != want[checksum]
+        ):
             problems.append(f"{path}: contents do not match the manifest")
     return problems
 
@@ -148,11 +166,13 @@ def is_complete(directory: Path) -> bool:
     """A directory whose manifest exists and whose files are all there at their recorded size
     (cheap: no hashing; `verify_manifest` hashes)."""
     files = read_manifest(directory).get("files")
-    if not files:
+    if not files or not isinstance(files, dict):
         return False
     for name, want in files.items():
         path = Path(directory) / name
-        if not path.is_file() or path.stat().st_size != want["size"]:
+        if not isinstance(want, dict) or not path.is_file():
+            return False
+        if path.stat().st_size != want.get("size"):
             return False
     return True
 

@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run_tool(command: str, args: list[str]) -> None:
     """Run a store tool; an unreachable store or a bad argument is one line, not a traceback."""
+    from tunelab.config import ConfigError
     from tunelab.tracking import TrackingUnavailable
 
     try:
         TOOLS[command](args)
-    except (TrackingUnavailable, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+    except (TrackingUnavailable, ConfigError, OSError, RuntimeError) as exc:
         print(f"tunelab {command}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -72,7 +73,7 @@ def train(args: list[str]) -> None:
     """Run Hydra's app with `args` exactly as if they followed a Hydra script's name."""
     import hydra
 
-    from tunelab import config
+    from tunelab import config, sweeps
 
     # Every job's config, before Hydra creates anything: one line per problem, exit 2.
     config.exit_on_problems(config.preflight(args))
@@ -83,6 +84,10 @@ def train(args: list[str]) -> None:
     sys.argv = [sys.argv[0], *args]
     try:
         app()
+        failed = sweeps.failed_jobs()
+        if failed:
+            print(f"tunelab: {failed} job(s) of the sweep failed (see above)", file=sys.stderr)
+            raise SystemExit(1)
     except KeyboardInterrupt as exc:
         # SIGTERM/SIGINT: the run wrote a checkpoint and is KILLED in MLflow; the same command
         # resumes it. Exit as a process killed by that signal would (128 + signal number).
@@ -96,19 +101,19 @@ def train(args: list[str]) -> None:
 
 def train_job(cfg: DictConfig) -> float | None:
     """One job (Hydra's task function): validated unless preflight already did, then handed to
-    the runner. Returns the job's objective, for Hydra's sweepers; in a sweep a failed job
-    returns None (its MLflow run is FAILED) so the other jobs go on."""
+    the runner. Returns the job's objective, for Hydra's sweepers. A single run that fails
+    prints one line and exits (2 for bad config or data, 1 otherwise); in a sweep the job's
+    failure is recorded beside it, counted on the parent, and the other jobs go on."""
     import gc
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tunelab import config, runner, snapshots, sweeps, tracking
+    from tunelab import config, runner, sweeps
 
-    if not config.validated(cfg):  # a job preflight could not foresee (a sweeper's choice)
-        config.exit_on_problems(config.validate(cfg))
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
     tags, name = {}, None
     if in_sweep:
         name = config.job_name(hc.overrides.task)
@@ -116,28 +121,26 @@ def train_job(cfg: DictConfig) -> float | None:
         parent = sweeps.parent_run_id(hc.sweep.dir)
         if parent:
             tags["mlflow.parentRunId"] = parent
+        sweeps.clear_failure(run_dir)
     try:
-        result = runner.run(
-            cfg, hc.runtime.output_dir, list(hc.overrides.task), tags=tags, name=name
-        )
-    except config.ConfigError as exc:
-        config.exit_on_problems(exc.problems)
-    except tracking.TrackingUnavailable as exc:
-        print(
-            f"tunelab: {exc}. Start it, point tracking.uri elsewhere, or set "
-            "tracking.required=false to train now and upload later.",
-            file=sys.stderr,
-        )
-        raise SystemExit(1) from None
-    except snapshots.CheckpointWriteFailed as exc:  # disk full, permissions: no traceback
-        print(f"tunelab: {exc} Fix that and run the same command again to resume.", file=sys.stderr)
-        if not in_sweep:
-            raise SystemExit(1) from None
-        return None
+        if not config.validated(cfg):  # a job preflight could not foresee (a sweeper's choice)
+            config.check(cfg)
+        result = runner.run(cfg, run_dir, list(hc.overrides.task), tags=tags, name=name)
     except Exception as exc:
+        known = _known_failure(exc)
         if not in_sweep:
-            raise
-        print(f"tunelab: job {hc.job.num} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if known is None:
+                raise  # a bug, or an error from training itself: its traceback is what to read
+            code, lines = known
+            if code == 2:
+                _remove_if_untouched(run_dir)  # bad config or data: leave nothing behind
+            for line in lines:
+                print(line, file=sys.stderr)
+            raise SystemExit(code) from None
+        why = known[1][0].removeprefix("tunelab: ") if known else f"{type(exc).__name__}: {exc}"
+        why = (why.splitlines() or [type(exc).__name__])[0]
+        print(f"tunelab: job {hc.job.num} ({name}) failed: {why}", file=sys.stderr)
+        sweeps.record_failure(run_dir, name or run_dir.name, why)
         return None
     finally:
         gc.collect()  # a sequential sweep releases each job's model and data before the next
@@ -154,6 +157,50 @@ def train_job(cfg: DictConfig) -> float | None:
     return result.objective
 
 
+def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
+    """The exit code and the lines that say why a job failed, for errors of a kind tunelab
+    knows (one line each); None for anything else."""
+    from tunelab import config, locks, snapshots, tracking
+
+    if isinstance(exc, config.ConfigError):
+        return 2, [f"tunelab: config error: {p}" for p in exc.problems]
+    if isinstance(exc, tracking.TrackingUnavailable):
+        return 1, [
+            f"tunelab: {exc}. Start it, point tracking.uri elsewhere, or set "
+            "tracking.required=false to train now and upload later."
+        ]
+    if isinstance(exc, snapshots.CheckpointWriteFailed):
+        return 1, [f"tunelab: {exc} Fix that and run the same command again to resume."]
+    if isinstance(exc, locks.Busy):
+        return 1, [f"tunelab: {exc}"]
+    if isinstance(exc, OSError):  # the final artifact on a full or read-only disk, say
+        return 1, [f"tunelab: cannot write the run's files: {exc}"]
+    return None
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """Remove a run directory that holds only what Hydra and the lock put there."""
+    import shutil
+
+    from tunelab.locks import RUN_LOCK
+
+    hydras = {".hydra", "train.log", RUN_LOCK}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydras:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
     import argparse
 
@@ -165,7 +212,7 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
 def runs(args: list[str]) -> None:
     parser = _parser("runs", "Recent runs, newest first.")
     parser.add_argument("--experiment", default="tunelab")
-    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--limit", type=_positive, default=20)
     parser.add_argument("--sweep", default=None, help="a sweep's parent run id or name")
     opts = parser.parse_args(args)
     if opts.sweep:
@@ -211,6 +258,8 @@ def export(args: list[str]) -> None:
     from tunelab.tracking import download_model
 
     dst = Path(opts.dir)
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise FileExistsError(f"{dst} exists and is not a directory; choose a new directory")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new directory")
     if dst.exists():
@@ -223,7 +272,7 @@ def generate(args: list[str]) -> None:
     parser = _parser("generate", "Continue PROMPT with a model, greedily, to check it by eye.")
     parser.add_argument("model", help="a model directory, a run id, or runs:/ / models:/ URI")
     parser.add_argument("prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=_positive, default=16)
     opts = parser.parse_args(args)
     import tempfile
     from pathlib import Path

@@ -112,7 +112,13 @@ def read_rows(key: str, path: str, cfg: Any) -> list[dict[str, str]]:
     """Every row of one file, or a DataError naming `key`, the file and the line."""
     p = Path(path).expanduser()
     if not p.is_file():
-        why = "is a directory" if p.is_dir() else "does not exist"
+        why = (
+            "is a directory"
+            if p.is_dir()
+            else "is not a regular file (a FIFO, socket or device)"
+            if p.exists()
+            else "does not exist"
+        )
         raise DataError(f"{key}: {p} {why}; give a .jsonl, .json or .txt file")
     raw = p.read_bytes()
     try:
@@ -141,6 +147,8 @@ def _records(text: str, key: str, path: Path) -> list[tuple[int, Any]]:
             raise DataError(
                 f"{key}: {path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
             ) from None
+        except RecursionError:
+            raise DataError(f"{key}: {path}: JSON nested too deeply to read") from None
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -152,6 +160,8 @@ def _records(text: str, key: str, path: Path) -> list[tuple[int, Any]]:
                 f"{key}: {path} line {n}: not valid JSON ({exc.msg} at column {exc.colno}); "
                 "each line must be one JSON object"
             ) from None
+        except RecursionError:
+            raise DataError(f"{key}: {path} line {n}: JSON nested too deeply to read") from None
     return out
 
 
@@ -160,9 +170,21 @@ def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, st
         raise DataError(
             f"{key}: {path} line {line}: expected a JSON object, got {type(record).__name__}"
         )
+
+    def text(column: str) -> str:
+        value = record[column]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(
+            f"{key}: {path} line {line}: {column!r} is {kind}, not text; every row needs a "
+            "string there"
+        )
+
     if cfg.prompt_column in record and cfg.completion_column in record:
-        prompt, completion = record[cfg.prompt_column], record[cfg.completion_column]
-        return {"prompt": str(prompt), "completion": str(completion)}
+        return {"prompt": text(cfg.prompt_column), "completion": text(cfg.completion_column)}
     if cfg.text_column not in record:
         raise DataError(
             f"{key}: {path} line {line}: no {cfg.text_column!r} column (nor "
@@ -170,7 +192,7 @@ def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, st
             f"{', '.join(map(repr, record)) or 'no columns'}: set data.text_column, or "
             "data.prompt_column and data.completion_column"
         )
-    return {"text": str(record[cfg.text_column])}
+    return {"text": text(cfg.text_column)}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tunelab.config import ConfigError
@@ -20,6 +21,17 @@ class ModelError(ConfigError):
                 "without the hub? Give a local model directory"
             ]
         )
+
+
+def fetch(name_or_path: str | None, uri: str | None, output_root: Path) -> str | None:
+    """A local directory (or hub id) for `model.name_or_path`: a runs:/ or models:/ URI is
+    downloaded once into `<output.root>/.cache/models/`."""
+    from tunelab.tracking.logged_model import ModelNotFound, fetch_model
+
+    try:
+        return fetch_model(name_or_path, uri, output_root / ".cache" / "models")
+    except ModelNotFound as exc:
+        raise ConfigError([f"model.name_or_path: {exc}"]) from None
 
 
 def load_tokenizer(cfg: Any, texts: list[str], source: str | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import artifacts, checkpoints, config, data, metrics, sweeps, tracking
+from tunelab import artifacts, checkpoints, config, data, locks, metrics, sweeps, tracking
 from tunelab import model as models
 
 log = logging.getLogger("tunelab")
@@ -27,11 +28,27 @@ def run(
 ) -> RunResult:
     """Train one model as `cfg` (validated: tunelab.config.validate) says, continuing from the
     run directory's newest valid checkpoint when there is one; write its artifact to
-    `run_dir/model`; track it. `callbacks`: extra Trainer callbacks."""
+    `run_dir/model`; track it. `callbacks`: extra Trainer callbacks. One process at a time per
+    run directory: another is refused at once (locks.Busy)."""
+    run_dir = Path(run_dir)
+    # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with locks.run_dir(run_dir) if main_process else contextlib.nullcontext():
+        return _run(cfg, run_dir, overrides, tags, name, callbacks, main_process)
+
+
+def _run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    tags: dict[str, str] | None,
+    name: str | None,
+    callbacks: Sequence[Any],
+    main_process: bool,
+) -> RunResult:
     from tunelab.checkpoints.signals import Interrupted, StopOnSignal
     from tunelab.tracking.callback import TrackingCallback
 
-    run_dir = Path(run_dir)
     name = name or config.run_name(overrides)
     resolved = config.resolved(cfg)
     record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
@@ -42,27 +59,28 @@ def run(
 
     # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
     rows = data.load(cfg.data)
-    cache = Path(cfg.output.root) / ".cache" / "models"
-    source = tracking.fetch_model(cfg.model.name_or_path, cfg.tracking.uri, cache)
+    source = models.fetch(cfg.model.name_or_path, cfg.tracking.uri, Path(cfg.output.root))
     tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
     prepared = data.prepare(rows, tokenizer, cfg.data)
     log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
 
-    # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
-    main_process = int(os.environ.get("RANK", "0")) == 0
     tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
+    tags["tunelab.fingerprint"] = record["fingerprint"]  # a kill -9 orphan is found by it
     if prepared.truncated_rows:
         tags = {**tags, "tunelab.data.truncated_rows": str(prepared.truncated_rows)}
     with StopOnSignal() as stopper:
-        previous = record.get("mlflow_run_id")
-        tracker = (
-            tracking.start(cfg, name, tags, resolved, overrides, previous)
-            if main_process
-            else tracking.NullTracker()
-        )
-        if main_process:
-            artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
+        with stopper.deferred():  # a signal now takes effect once the run is recorded
+            previous = record.get("mlflow_run_id")
+            tracker = (
+                tracking.start(cfg, name, tags, resolved, overrides, previous)
+                if main_process
+                else tracking.NullTracker()
+            )
+            _test_hold("TUNELAB_TEST_START_DELAY")  # a test signals the process right here
+            if main_process:
+                artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
         with tracking.recording(tracker):
+            stopper.raise_pending()
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
             model = models.load_model(cfg.model, tokenizer, source)
             n_params, n_trainable = models.parameter_count(model)
@@ -230,7 +248,9 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
 
     t = cfg.training
     if t.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device=cuda but no CUDA device is available; use auto or cpu")
+        raise config.ConfigError(
+            ["training.device: cuda, but this machine has no CUDA device; use auto or cpu"]
+        )
     cuda = t.device != "cpu" and torch.cuda.is_available()
     bf16 = t.precision == "bf16" or (
         t.precision == "auto" and cuda and torch.cuda.is_bf16_supported()
@@ -263,6 +283,14 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
         data_seed=cfg.seed,
         **trainer_arguments(cfg.checkpoint),
     )
+
+
+def _test_hold(variable: str) -> None:
+    seconds = float(os.environ.get(variable) or 0)
+    if seconds:
+        import time
+
+        time.sleep(seconds)
 
 
 def _seed(seed: int) -> None:

@@ -36,25 +36,38 @@ class BackgroundWriter:
     loop at the next step, at the next checkpoint or at the end of training."""
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None
         self._error: BaseException | None = None
         self._name = ""
 
     def start(self, write: Any, name: str) -> None:
+        done = threading.Event()
+
         def body() -> None:
             try:
                 write()
             except BaseException as exc:  # reported in the training thread
                 self._error = exc
+            finally:
+                done.set()
 
-        self._name = name
-        self._thread = threading.Thread(target=body, name=f"tunelab-{name}", daemon=True)
-        self._thread.start()
+        self._name, self._done = name, done
+        threading.Thread(target=body, name=f"tunelab-{name}", daemon=True).start()
+
+    def __str__(self) -> str:
+        return self._name or "a checkpoint"
+
+    @property
+    def busy(self) -> bool:
+        return self._done is not None and not self._done.is_set()
 
     def wait(self, raise_error: bool = True) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Until the write in flight is committed. Waits on an event rather than joining the
+        thread: a join that a signal interrupted can return at once when asked again (Python
+        3.11), an event wait cannot."""
+        if self._done is not None:
+            self._done.wait()
+            self._done = None
         if raise_error:
             self.check()
 

@@ -75,15 +75,40 @@ def parent_run_id(sweep_dir: str | Path) -> str | None:
     return artifacts.read_json(Path(sweep_dir) / SWEEP_RECORD).get("parent_run_id")
 
 
+FAILURE = "tunelab_failed.json"  # in a job's directory: why the job failed, until it succeeds
+_failed = 0  # jobs of the last multirun of this process that failed (for the exit status)
+
+
+def record_failure(job_dir: Path, name: str, why: str) -> None:
+    """Note beside the job why it failed: counted on the parent even when the job failed
+    before its own MLflow run existed (bad data, a model that does not load)."""
+    artifacts.write_json(Path(job_dir) / FAILURE, {"name": name, "error": why})
+
+
+def clear_failure(job_dir: Path) -> None:
+    (Path(job_dir) / FAILURE).unlink(missing_ok=True)
+
+
+def failures(sweep_dir: Path) -> list[dict[str, str]]:
+    found = [artifacts.read_json(p) for p in sorted(Path(sweep_dir).glob(f"*/{FAILURE}"))]
+    return [f for f in found if f]
+
+
+def failed_jobs() -> int:
+    return _failed
+
+
 def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) -> str | None:
     """Create the store, the experiment and the parent run before any job starts (parallel jobs
     then never race to create them), or reattach to the parent run of an earlier attempt."""
     from tunelab import tracking
+    from tunelab.tracking.liveness import process_tags
 
     if cfg.tracking.backend == "none":
         return None
     name = config.run_name(task_overrides)
     tags = {
+        **process_tags(),  # so stale-run repair ends it if this process dies
         "tunelab.sweep": "parent",
         "tunelab.sweep_overrides": " ".join(task_overrides),
         "tunelab.sweep_dir": str(sweep_dir.resolve()),
@@ -107,15 +132,18 @@ def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) ->
 
 def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
     """Tag the parent with the best job and the failed ones, end it, and return the jobs
-    (best first, failed last) for the summary."""
+    (best first, failed last) for the summary. A job that failed before its MLflow run existed
+    is listed (and counted) from the failure noted in its directory."""
+    failed = failures(sweep_dir)
     run_id = parent_run_id(sweep_dir)
     if cfg.tracking.backend == "none" or not run_id:
-        return []
+        return [_untracked(f) for f in failed]
     client = store.client_for(cfg.tracking.uri)
     jobs = children(client, run_id)
+    tracked = {j["name"] for j in jobs}
+    jobs += [_untracked(f) for f in failed if f.get("name") not in tracked]
     done = [j for j in jobs if j["objective"] is not None]
     tags: dict[str, str] = {"tunelab.sweep_finished_jobs": str(len(done))}
-    failed = [j for j in jobs if j["status"] == "FAILED"]
     tags["tunelab.sweep_failed_jobs"] = str(len(failed))
     if done:
         best = done[0]
@@ -131,6 +159,19 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, "FAILED" if jobs and not done else "FINISHED")
     return jobs
+
+
+def _untracked(failure: dict[str, str]) -> dict[str, Any]:
+    return {
+        "run_id": "no MLflow run",
+        "name": failure.get("name", "?"),
+        "status": "FAILED",
+        "overrides": "",
+        "objective_name": None,
+        "objective": None,
+        "maximize": False,
+        "error": failure.get("error", ""),
+    }
 
 
 def children(client: Any, parent_id: str) -> list[dict[str, Any]]:
@@ -189,7 +230,7 @@ def find_parent(uri: str | None, experiment: str, ref: str) -> list[dict[str, An
 def summary(jobs: list[dict[str, Any]]) -> str:
     """The sweep's jobs side by side, best first; failed jobs with their error."""
     if not jobs:
-        return "tunelab: sweep finished (no tracked jobs)"
+        return "tunelab: sweep finished (no tracked jobs, none failed)"
     lines = ["tunelab: sweep finished, best first:"]
     for rank, job in zip(itertools.count(1), jobs):
         if job["objective"] is not None:
@@ -215,6 +256,9 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        global _failed
         HydraConfig.instance().set_config(config)
-        jobs = finish_parent(config, Path(HydraConfig.get().sweep.dir))
+        sweep_dir = Path(HydraConfig.get().sweep.dir)
+        jobs = finish_parent(config, sweep_dir)
+        _failed = len(failures(sweep_dir))
         print(summary(jobs))

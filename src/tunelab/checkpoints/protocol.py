@@ -39,6 +39,27 @@ def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
 
+# What a checkpoint must hold to resume from it: one name of each group.
+REQUIRED = (
+    ("config.json",),
+    ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"),
+    ("optimizer.safetensors", "optimizer.pt"),
+    ("scheduler.json", "scheduler.pt"),
+    ("trainer_state.json",),
+    (ARGS_JSON,),
+    ("rng_state.pth", "rng_state_0.pth"),
+)
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint directory that lacks files a resume needs: never committed."""
+
+
+def missing(directory: Path, required: tuple[tuple[str, ...], ...] = REQUIRED) -> list[str]:
+    """The required files `directory` lacks (one name per missing group)."""
+    return [names[0] for names in required if not any((directory / n).is_file() for n in names)]
+
+
 def commit(
     ckpt: Path,
     step: int,
@@ -46,12 +67,20 @@ def commit(
     metrics: dict[str, float],
     written: Path | None = None,
     known: dict[str, str] | None = None,
+    required: tuple[tuple[str, ...], ...] = REQUIRED,
 ) -> None:
-    """Make `ckpt` complete: fsync every file, then write the manifest last (and fsync it). With
-    `written` (a `.partial` directory), the files are there and are renamed to `ckpt` after.
-    `known`: checksums already taken from memory, by file name."""
+    """Make `ckpt` complete: check that it holds every `required` file, fsync every file, then
+    write the manifest last (and fsync it). With `written` (a `.partial` directory), the files
+    are there and are renamed to `ckpt` after. `known`: checksums already taken from memory, by
+    file name."""
     if written is None:
         test_delay()
+    lacking = missing(written or ckpt, required)
+    if lacking:
+        raise IncompleteCheckpoint(
+            f"{ckpt.name} is missing {', '.join(lacking)}; not committed (older checkpoints "
+            "are intact)"
+        )
     info = {"kind": "checkpoint", "step": step, "epoch": epoch, "metrics": metrics}
     artifacts.write_manifest(written or ckpt, info, checksum=CHECKSUM, known=known)
     if written is not None:
@@ -137,8 +166,32 @@ def resume_point(resume: str, root: Path) -> Path | None:
     path = Path(resume).expanduser().resolve()
     problems = artifacts.verify_manifest(path)
     if problems:
-        raise RuntimeError(f"resume={resume}: not a complete tunelab checkpoint: {problems[0]}")
+        from tunelab.config import ConfigError
+
+        raise ConfigError([f"resume: {resume} is not a complete tunelab checkpoint: {problems[0]}"])
+    set_aside_later(root, int(artifacts.read_manifest(path).get("step", 0)))
     return path
+
+
+def set_aside_later(root: Path, step: int) -> list[Path]:
+    """Move the committed checkpoints after `step` to `.set-aside-<time>/`: a run rolled back
+    to an earlier checkpoint writes new ones with lower step numbers, which rotation (newest
+    first) would otherwise remove as soon as they are committed."""
+    later = [p for p in committed(root) if step_of(p) > step]
+    if not later:
+        return []
+    aside = root / f".set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    artifacts.fsync_dir(root)
+    log.warning(
+        "resuming from step %d: set aside the %d later checkpoint(s) in %s",
+        step,
+        len(later),
+        aside,
+    )
+    return [aside / p.name for p in later]
 
 
 def remove(path: Path) -> None:

@@ -1,10 +1,21 @@
 """SIGTERM/SIGINT: checkpoint at the next step boundary, then stop (KILLED in MLflow, and the
-same command resumes). Before training starts, a signal interrupts at once."""
+same command resumes).
+
+- The first signal asks for a checkpoint at the next step boundary, then a stop.
+- A second one stops at once; a checkpoint being written still completes first.
+- A third one stops without waiting for that write (its `.partial` directory is removed at the
+  next start; older checkpoints are intact).
+
+Before training starts a signal interrupts at once, except while the run is being recorded in
+MLflow (`deferred`): then it takes effect as soon as the run exists and is recorded, so the run
+ends KILLED rather than RUNNING or orphaned."""
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from transformers import TrainerCallback
@@ -13,11 +24,15 @@ log = logging.getLogger("tunelab")
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT stopped the run after a checkpoint was written."""
+    """SIGTERM or SIGINT stopped the run."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
         super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class AbandonWrite(Interrupted):
+    """A third signal: stop without waiting for the checkpoint being written."""
 
 
 class StopOnSignal(TrainerCallback):
@@ -26,6 +41,9 @@ class StopOnSignal(TrainerCallback):
     def __init__(self) -> None:
         self.received: int | None = None
         self.training = False
+        self.count = 0
+        self._pending: int | None = None
+        self._deferring = False
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -44,11 +62,32 @@ class StopOnSignal(TrainerCallback):
     def __exit__(self, *exc: Any) -> None:
         self.uninstall()
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A signal inside the block is held until `raise_pending`."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def raise_pending(self) -> None:
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise Interrupted(signum)
+
     def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self._deferring:
+            self._pending = signum
+            return
+        if self.count >= 3 and self.received is not None:
+            log.warning("%s again: stopping without waiting for the checkpoint in flight", name)
+            raise AbandonWrite(signum)
         if not self.training or self.received is not None:
             raise Interrupted(signum)  # not in the loop yet, or a second signal: stop now
         self.received = signum
-        name = signal.Signals(signum).name
         log.warning("%s received: checkpointing at the next step, then stopping", name)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

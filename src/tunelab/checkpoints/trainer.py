@@ -20,6 +20,7 @@ from tunelab import metrics, snapshots
 from tunelab.checkpoints.protocol import (
     ARGS_JSON,
     PREFIX,
+    IncompleteCheckpoint,
     OnCommit,
     commit,
     committed,
@@ -27,6 +28,7 @@ from tunelab.checkpoints.protocol import (
 )
 from tunelab.checkpoints.protocol import test_delay as _test_delay
 from tunelab.checkpoints.rotation import best_checkpoint, rotate
+from tunelab.checkpoints.signals import AbandonWrite
 
 log = logging.getLogger("tunelab")
 
@@ -72,10 +74,22 @@ class CheckpointingTrainer(Trainer):
         try:
             out = super().train(*args, **kwargs)
         except BaseException:
-            self.writer.wait(raise_error=False)
+            self._finish_write_after_error()
             raise
         self.writer.wait()
         return out
+
+    def _finish_write_after_error(self) -> None:
+        """The checkpoint in flight completes even when training stopped on an error or a
+        second signal; only a third signal (AbandonWrite) gives up on it."""
+        while True:
+            try:
+                self.writer.wait(raise_error=False)
+                return
+            except AbandonWrite:
+                return
+            except KeyboardInterrupt:
+                log.warning("still writing %s; a third signal stops without it", self.writer)
 
     # Override: Trainer pickles TrainingArguments into training_args.bin; a checkpoint keeps
     # them as JSON instead, so nothing in it needs a full unpickler.
@@ -92,12 +106,20 @@ class CheckpointingTrainer(Trainer):
             self._save_in_background(trial)
             return
         # Trainer's synchronous in-place write, then commit (manifest last) and rotate.
-        super()._save_checkpoint(model, trial)
+        root = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        path = root / f"{PREFIX}{step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                commit(path, step, self.state.epoch, _metrics_at(self.state, step))
+        except (OSError, IncompleteCheckpoint) as exc:  # disk full, permissions
+            if self.args.should_save and not (path / "manifest.json").exists():
+                shutil.rmtree(path, ignore_errors=True)  # frees the space it took
+            raise snapshots.CheckpointWriteFailed(
+                f"writing {path.name} failed: {exc}. Older checkpoints are intact."
+            ) from exc
         if self.args.should_save:
-            root = Path(self._get_output_dir(trial=trial))
-            step = self.state.global_step
-            path = root / f"{PREFIX}{step}"
-            commit(path, step, self.state.epoch, _metrics_at(self.state, step))
             self._rotated(root, path)
 
     # Override: read tunelab's safetensors/JSON optimizer and scheduler state when present

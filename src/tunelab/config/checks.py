@@ -5,6 +5,7 @@ at on disk (model and data paths, the output root). Pure Python: nothing heavy i
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,10 @@ def _check_combinations(c: dict[str, Any], problems: list[str]) -> None:
     if uploads == "best" and not metric:
         problems.append("tracking.log_checkpoints=best: needs checkpoint.metric (e.g. eval_loss)")
     resume = c["resume"]
-    if resume not in ("auto", "never") and not Path(resume).exists():
-        problems.append(f"resume: {resume!r} is not auto, never or an existing checkpoint path")
+    if resume not in ("auto", "never"):
+        problems.extend(_resume_problems(resume))
+    problems.extend(_arch_problems(model["arch"] or {}))
+    problems.extend(_tracking_problems(c["tracking"]))
     positions = (model["arch"] or {}).get("n_positions")
     if positions and not model["name_or_path"] and data["max_length"] > positions:
         problems.append(
@@ -93,9 +96,90 @@ def _check_combinations(c: dict[str, Any], problems: list[str]) -> None:
     if data["type"] == "files":
         for key in ("train", "eval"):
             path = data[key]
-            if path and path != "???" and not Path(path).expanduser().is_file():
-                problems.append(f"data.{key}: {path} does not exist (a .jsonl, .json or .txt file)")
-    problems.extend(_output_problems(c["output"]["root"]))
+            if path and path != "???":
+                problems.extend(_data_file_problems(f"data.{key}", Path(path).expanduser()))
+    problems.extend(_writable_problems("output.root", c["output"]["root"]))
+
+
+def _resume_problems(resume: str) -> list[str]:
+    path = Path(resume).expanduser()
+    if not path.exists():
+        return [f"resume: {resume!r} is not auto, never or an existing checkpoint path"]
+    if not (path / "manifest.json").is_file():
+        return [
+            f"resume: {resume} is not a tunelab checkpoint (no manifest.json); give a "
+            "checkpoints/checkpoint-<step> directory, or auto or never"
+        ]
+    return []
+
+
+def _data_file_problems(key: str, path: Path) -> list[str]:
+    if path.is_file():
+        return []
+    if not path.exists():
+        return [f"{key}: {path} does not exist (a .jsonl, .json or .txt file)"]
+    what = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+    return [f"{key}: {path} is {what}; give a .jsonl, .json or .txt file"]
+
+
+# Pairs of (width, heads) keys that must divide, in the config spellings transformers uses.
+_HEADS = (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"), ("d_model", "n_heads"))
+
+
+def _arch_problems(arch: dict[str, Any]) -> list[str]:
+    """Shapes a model built from `model.arch` cannot have."""
+    problems = []
+    for key, value in arch.items():
+        count = key.startswith(("n_", "num_")) or key.endswith(("_size", "_dim"))
+        if count and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"model.arch.{key}: {value} must be positive")
+    for width, heads in _HEADS:
+        w, h = arch.get(width), arch.get(heads)
+        if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 and w % h:
+            problems.append(
+                f"model.arch.{heads}: {h} does not divide model.arch.{width}={w}; "
+                f"use a divisor of {w} (e.g. {_divisor_near(w, h)})"
+            )
+    return problems
+
+
+def _divisor_near(n: int, near: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
+
+
+# Schemes MLflow can track to; a bare path is a local file store.
+_STORE_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+_EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._ @+=-]{0,199}$")
+
+
+def _tracking_problems(tracking: dict[str, Any]) -> list[str]:
+    problems = []
+    name = tracking["experiment"]
+    # The experiment names the run directory's parent: it must stay one safe path component.
+    if not _EXPERIMENT_NAME.match(name) or name in (".", ".."):
+        problems.append(
+            f"tracking.experiment: {name!r} is not a usable name; use 1 to 200 letters, digits "
+            "and . _ - @ + = or spaces, starting with a letter, digit or _ (no / or ..)"
+        )
+    uri = tracking["uri"]
+    if tracking["backend"] == "none" or not uri:
+        return problems
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else None
+    if scheme is not None and scheme not in _STORE_SCHEMES:
+        problems.append(
+            f"tracking.uri: {uri!r}: unknown scheme {scheme!r}; use one of "
+            f"{', '.join(s + '://' for s in _STORE_SCHEMES)}, or a path to a .db file"
+        )
+    elif uri.startswith("sqlite:///") or (scheme is None and uri.endswith(".db")):
+        db = Path(uri.removeprefix("sqlite:///")).expanduser()
+        # sqlite writes its journal beside the database: the directory must be writable too.
+        found = _writable_problems("tracking.uri", str(db.parent))
+        if not found and db.is_dir():
+            found = [f"tracking.uri: {db} is a directory, not a sqlite database file"]
+        elif not found and db.exists() and not os.access(db, os.W_OK):
+            found = [f"tracking.uri: {db} is not writable"]
+        problems.extend(found)
+    return problems
 
 
 def _model_source_problems(model: dict[str, Any]) -> list[str]:
@@ -148,26 +232,26 @@ def _in_hub_cache(repo_id: str) -> bool:
     return (cache / f"models--{repo_id.replace('/', '--')}").is_dir()
 
 
-def _output_problems(root: str) -> list[str]:
-    """The output root must be creatable and writable; checked on its nearest existing
+def _writable_problems(key: str, root: str) -> list[str]:
+    """The directory `root` must be creatable and writable; checked on its nearest existing
     ancestor, without creating anything."""
     path = Path(root).expanduser().absolute()
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return [f"output.root: {path}: {existing} is a file, not a directory"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"output.root: {path} is not writable ({existing} does not allow writing)"]
+        return [f"{key}: {path}: {existing} is a file, not a directory"]
     try:
         probe = os.statvfs(existing)
     except OSError:
-        return []
-    if probe.f_flag & os.ST_RDONLY:
-        return [f"output.root: {path} is on a read-only filesystem"]
-    free = probe.f_bavail * probe.f_frsize
+        probe = None
+    if probe is not None and probe.f_flag & os.ST_RDONLY:
+        return [f"{key}: {path} is on a read-only filesystem"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{key}: {path} is not writable ({existing} does not allow writing)"]
+    free = probe.f_bavail * probe.f_frsize if probe is not None else _MIN_FREE
     if free < _MIN_FREE:
-        return [f"output.root: {path} is full ({free // 1024} KiB free); free space or move it"]
+        return [f"{key}: {path} is full ({free // 1024} KiB free); free space or move it"]
     return []
 
 

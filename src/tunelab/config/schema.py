@@ -8,6 +8,7 @@ with an unknown key or a wrong value is refused with one line per problem.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, fields, is_dataclass
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
@@ -26,6 +27,8 @@ class Rule:
 
     def problems(self, key: str, value: Any) -> list[str]:
         out = []
+        if isinstance(value, float) and not math.isfinite(value):
+            return [f"{key}: {value!r} is not a finite number"]
         if self.choices and value not in self.choices:
             out.append(f"{key}: {value!r} is not one of {', '.join(self.choices)}")
         if self.min is not None and value < self.min:
@@ -37,6 +40,10 @@ class Rule:
         return out
 
 
+# Bounds on counts that no run can mean (a typo, or a value meant for another key).
+_MANY = 10**9
+_SEED = Rule(min=0, max=2**32 - 1)  # what numpy and torch accept
+
 _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
                "cosine_with_min_lr", "warmup_stable_decay")  # fmt: skip
@@ -47,7 +54,7 @@ class ModelSchema:
     name_or_path: str | None
     task: Annotated[str, Rule(choices=metrics.TASKS)]
     arch: dict | None
-    tokenizer_vocab_size: Annotated[int, Rule(min=0)]
+    tokenizer_vocab_size: Annotated[int, Rule(min=0, max=10**7)]
     trust_remote_code: bool
     allow_pickle: bool
 
@@ -56,10 +63,10 @@ class ModelSchema:
 class AdditionDataSchema:
     type: Annotated[str, Rule(choices=("addition", "files"))]
     digits: Annotated[int, Rule(min=1, max=9)]
-    train_size: Annotated[int, Rule(min=1)]
-    eval_size: Annotated[int, Rule(min=0)]
-    seed: int
-    max_length: Annotated[int, Rule(min=2)]
+    train_size: Annotated[int, Rule(min=1, max=10**8)]
+    eval_size: Annotated[int, Rule(min=0, max=10**8)]
+    seed: Annotated[int, _SEED]
+    max_length: Annotated[int, Rule(min=2, max=2**20)]
     truncate: bool
 
 
@@ -72,36 +79,36 @@ class FilesDataSchema:
     text_column: str
     prompt_column: str
     completion_column: str
-    seed: int
-    max_length: Annotated[int, Rule(min=2)]
+    seed: Annotated[int, _SEED]
+    max_length: Annotated[int, Rule(min=2, max=2**20)]
     truncate: bool
 
 
 @dataclass
 class TrainingSchema:
-    max_steps: Annotated[int, Rule(min=-1)]
-    epochs: Annotated[float, Rule(min_exclusive=0.0)]
-    lr: Annotated[float, Rule(min_exclusive=0.0)]
-    batch_size: Annotated[int, Rule(min=1)]
-    eval_batch_size: Annotated[int, Rule(min=1)]
-    grad_accum: Annotated[int, Rule(min=1)]
-    weight_decay: Annotated[float, Rule(min=0.0)]
-    warmup_steps: Annotated[int, Rule(min=0)]
+    max_steps: Annotated[int, Rule(min=-1, max=_MANY)]
+    epochs: Annotated[float, Rule(min_exclusive=0.0, max=1e6)]
+    lr: Annotated[float, Rule(min_exclusive=0.0, max=10.0)]
+    batch_size: Annotated[int, Rule(min=1, max=2**20)]
+    eval_batch_size: Annotated[int, Rule(min=1, max=2**20)]
+    grad_accum: Annotated[int, Rule(min=1, max=2**16)]
+    weight_decay: Annotated[float, Rule(min=0.0, max=100.0)]
+    warmup_steps: Annotated[int, Rule(min=0, max=_MANY)]
     lr_scheduler: Annotated[str, Rule(choices=_SCHEDULERS)]
-    max_grad_norm: Annotated[float, Rule(min=0.0)]
-    eval_every: Annotated[int, Rule(min=0)]
-    log_every: Annotated[int, Rule(min=1)]
+    max_grad_norm: Annotated[float, Rule(min=0.0, max=1e6)]
+    eval_every: Annotated[int, Rule(min=0, max=_MANY)]
+    log_every: Annotated[int, Rule(min=1, max=_MANY)]
     precision: Annotated[str, Rule(choices=("auto", "fp32", "bf16", "fp16"))]
     device: Annotated[str, Rule(choices=("auto", "cpu", "cuda"))]
-    num_workers: Annotated[int, Rule(min=0)]
+    num_workers: Annotated[int, Rule(min=0, max=1024)]
     progress_bar: bool
 
 
 @dataclass
 class CheckpointSchema:
     strategy: Annotated[str, Rule(choices=("steps", "epoch", "best", "none"))]
-    every: Annotated[int | None, Rule(min=1)]
-    keep: Annotated[int | None, Rule(min=1)]
+    every: Annotated[int | None, Rule(min=1, max=_MANY)]
+    keep: Annotated[int | None, Rule(min=1, max=10**6)]
     metric: str | None
     mode: Annotated[str | None, Rule(choices=("min", "max"))]
     keep_best: bool
@@ -138,7 +145,7 @@ class TrainSchema:
     output: OutputSchema
     tracking: TrackingSchema
     sweep: SweepSchema
-    seed: int
+    seed: Annotated[int, _SEED]
     resume: str
 
 

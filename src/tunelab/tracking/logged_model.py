@@ -125,12 +125,25 @@ def _link_into(artifact_uri: str, source: Path) -> bool:
     return True
 
 
+# What MLflow keeps beside the Hugging Face files of a Logged Model (the flavor's MLmodel and
+# its copy of the tokenizer) or adds to a download of one (registered_model_meta): not part of
+# the artifact, so not left in a downloaded one.
+MLFLOW_FILES = ("MLmodel", "components", "registered_model_meta")
+
+
+class ModelNotFound(RuntimeError):
+    """A run id, runs:/ or models:/ URI the store does not have (or cannot serve)."""
+
+
 def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
-    """Download a run's model (a run id, runs:/ID/model or models:/...) into `dst`, verified
-    against its manifest, written beside `dst` and renamed into place when complete."""
+    """Download a run's model (a run id, runs:/ID/model or models:/...) into `dst`: the Hugging
+    Face files only, verified against the manifest (no file it does not list), written beside
+    `dst` and renamed into place when complete."""
+    import shutil
     import tempfile
 
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
     resolved = store.resolve_uri(uri)
     store.check_reachable(resolved)
@@ -142,9 +155,19 @@ def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
         tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp,
         store.default_store(resolved),
     ):
-        local = Path(
-            mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=resolved)
-        )
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=resolved)
+            )
+        except MlflowException as exc:
+            first = (str(exc).strip().splitlines() or ["not found"])[0]
+            raise ModelNotFound(f"{source}: not found in the store {resolved} ({first})") from None
+        for name in MLFLOW_FILES:
+            target = local / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
         problems = artifacts.verify_manifest(local)
         if problems:
             raise RuntimeError(f"{source}: the download does not match its manifest: {problems[0]}")
@@ -159,9 +182,20 @@ def fetch_model(name_or_path: str | None, uri: str | None, cache: Path) -> str |
         return name_or_path
     import hashlib
 
+    from tunelab import locks
+
     key = hashlib.sha1(f"{store.resolve_uri(uri)} {name_or_path}".encode()).hexdigest()[:16]
     local = Path(cache) / key
-    if not artifacts.is_complete(local):
-        log.info("downloading %s to %s", name_or_path, local)
-        download_model(name_or_path, local, uri)
+    if artifacts.is_complete(local):
+        return str(local)
+    # Parallel jobs fetching the same model: one downloads (into a temporary name, renamed into
+    # place), the others wait and then reuse the complete entry.
+    with locks.waiting(Path(cache) / f".{key}.lock", f"model cache entry {local}"):
+        if not artifacts.is_complete(local):
+            log.info("downloading %s to %s", name_or_path, local)
+            if local.exists():  # an incomplete entry left by a killed download
+                import shutil
+
+                shutil.rmtree(local)
+            download_model(name_or_path, local, uri)
     return str(local)

@@ -104,6 +104,8 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = store.experiment_id(self.client, experiment, store.artifact_root(uri))
         run = _unfinished_run(self.client, previous_run_id, self.experiment_id, reopen_finished)
+        if run is None and previous_run_id is None:
+            run = _orphan(self.client, self.experiment_id, tags)
         self.continued = run is not None
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -198,6 +200,7 @@ class MlflowTracker:
         self._system = SystemMetricsMonitor(
             self.id, sampling_interval=5, resume_logging=self.continued, tracking_uri=self.uri
         )
+        _sample(self._system)  # the sampler's first tick is after 5 s: a short run needs one now
         self._system.start()
 
     def flush(self) -> None:
@@ -212,11 +215,22 @@ class MlflowTracker:
             self._uploader = None
         if self._system is not None:
             self._system.finish()
+            _sample(self._system)  # and one at the end, however short the run was
             self._system = None
         self.flush()
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         self.client.set_terminated(self.id, status)
+
+
+def _sample(monitor: Any) -> None:
+    """One system-metrics sample, logged at once."""
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as exc:  # a metric source failing must not fail the run
+        log.debug("system metrics sample failed: %s", exc)
 
 
 def metric_key(key: str) -> str:
@@ -263,6 +277,24 @@ def _unfinished_run(
         return None
     ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
     return run if ok and (reopen_finished or run.info.status != "FINISHED") else None
+
+
+def _orphan(client: Any, experiment_id: str, tags: dict[str, str]) -> Any:
+    """The unfinished run an earlier process created for the same run directory and config but
+    died (kill -9) before recording its id: continued rather than left beside a new one. The
+    run directory's lock guarantees that process is gone."""
+    run_dir, fingerprint = tags.get("tunelab.run_dir"), tags.get("tunelab.fingerprint")
+    if not run_dir or not fingerprint or "'" in run_dir:
+        return None
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`tunelab.run_dir` = '{run_dir}' and tags.`tunelab.fingerprint` = '{fingerprint}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=10,
+    )
+    return next((r for r in found if r.info.status != "FINISHED"), None)
 
 
 def start(

@@ -1,0 +1,70 @@
+"""Advisory OS locks (flock) on a run directory or a cache entry. The kernel releases a lock
+when its process dies in any way, kill -9 included, so a lock is never left behind; the
+holder's pid is written into the lock file for the message a second process prints."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Busy(RuntimeError):
+    """Another live process holds the lock."""
+
+
+class Lock:
+    """An exclusive lock on `path` (created if missing, never deleted: deleting a lock file
+    lets two processes each lock a different file of the same name)."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> Lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise Busy(
+                f"{self.what} is in use by another tunelab process (pid {holder}); wait for it "
+                "to end or stop it, then run the command again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> Lock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextmanager
+def waiting(path: Path, what: str) -> Iterator[None]:
+    """Hold the lock on `path`, waiting for another holder to finish first."""
+    lock = Lock(path, what).acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+RUN_LOCK = ".tunelab.lock"
+
+
+def run_dir(path: Path) -> Lock:
+    """The lock of a run directory: one process trains in it at a time."""
+    return Lock(Path(path) / RUN_LOCK, f"run directory {path}")
