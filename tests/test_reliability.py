@@ -594,3 +594,20 @@ def test_two_writers_of_one_lock_in_threads_take_turns(tmp_path):
     for t in threads:
         t.join()
     assert order in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
+
+
+def test_a_full_disk_with_synchronous_checkpoints_stops_cleanly(small_disk, tmp_path):
+    """checkpoint.async_write=false: Trainer's own in-place write fills the disk; the run stops
+    with CheckpointWriteFailed (one line in the CLI), the half-written checkpoint is removed and
+    the older ones verify."""
+    from tunelab import runner, snapshots
+
+    overrides = [*LONG, *CKPT, "checkpoint.async_write=false", "tracking=none"]
+    cfg = config.compose([*overrides, f"output.root={small_disk}"])
+    with pytest.raises(snapshots.CheckpointWriteFailed, match="No space left on device"):
+        runner.run(cfg, small_disk / "run", overrides)
+    root = small_disk / "run" / "checkpoints"
+    kept = checkpoints.committed(root)
+    assert len(kept) == 2 and all(artifacts.verify_manifest(p) == [] for p in kept)
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in kept)
+    assert not (small_disk / "run" / "model").exists()

@@ -173,7 +173,9 @@ def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
         return 1, [f"tunelab: {exc} Fix that and run the same command again to resume."]
     if isinstance(exc, locks.Busy):
         return 1, [f"tunelab: {exc}"]
-    if isinstance(exc, OSError):  # the final artifact on a full or read-only disk, say
+    from safetensors import SafetensorError
+
+    if isinstance(exc, (OSError, SafetensorError)):  # the artifact on a full disk, say
         return 1, [f"tunelab: cannot write the run's files: {exc}"]
     return None
 

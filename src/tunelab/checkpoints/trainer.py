@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, cast
 
+from safetensors import SafetensorError
 from transformers import Trainer
 
 from tunelab import metrics, snapshots
@@ -113,7 +114,7 @@ class CheckpointingTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 commit(path, step, self.state.epoch, _metrics_at(self.state, step))
-        except (OSError, IncompleteCheckpoint) as exc:  # disk full, permissions
+        except (OSError, SafetensorError, IncompleteCheckpoint) as exc:  # disk full, permissions
             if self.args.should_save and not (path / "manifest.json").exists():
                 shutil.rmtree(path, ignore_errors=True)  # frees the space it took
             raise snapshots.CheckpointWriteFailed(
