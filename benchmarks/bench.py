@@ -90,13 +90,14 @@ def run_plain(
 
     from tunelab import config, data
     from tunelab import model as models
+    from tunelab.tasks import causal_lm
 
     cfg = config.compose(overrides)
     rows = data.load(cfg.data)
     tok = models.load_tokenizer(cfg.model, rows.texts())
-    train = data.tokenize(rows.train, tok, cfg.data.max_length).dataset
+    train = causal_lm.tokenize(rows.train, tok, cfg.data.max_length).dataset
     set_seed(cfg.seed)
-    model = models.load_model(cfg.model, tok)
+    model = models.load_model(cfg.model, tok, None, causal_lm, rows)
     args = TrainingArguments(
         output_dir=str(root / "plain"),
         max_steps=cfg.training.max_steps,
@@ -116,7 +117,7 @@ def run_plain(
         model=model,
         args=args,
         train_dataset=train,
-        data_collator=data.collator(tok),
+        data_collator=causal_lm.collator(tok),
         callbacks=[timer],
     )
     trainer.train()
@@ -204,23 +205,24 @@ def checkpoint_stall(reps: int) -> dict:
     from tunelab import config, data
     from tunelab import model as models
     from tunelab.checkpoints.trainer import CheckpointingTrainer
+    from tunelab.tasks import causal_lm
 
     overrides = model_overrides() + ["training.max_steps=2"]
     cfg = config.compose([*overrides, "checkpoint=steps", "checkpoint.every=1000"])
     rows = data.load(cfg.data)
     tok = models.load_tokenizer(cfg.model, rows.texts())
-    train = data.tokenize(rows.train[:256], tok, cfg.data.max_length).dataset
+    train = causal_lm.tokenize(rows.train[:256], tok, cfg.data.max_length).dataset
     results: dict[str, list[float]] = {"plain_trainer_s": [], "tunelab_s": [], "memory_copy_s": []}
     with tempfile.TemporaryDirectory() as tmp:
         tunelab = functools.partial(CheckpointingTrainer, checkpoint=cfg.checkpoint)
         for name, cls in (("plain_trainer_s", Trainer), ("tunelab_s", tunelab)):
-            model = models.load_model(cfg.model, tok)
+            model = models.load_model(cfg.model, tok, None, causal_lm, rows)
             args = TrainingArguments(
                 output_dir=str(Path(tmp) / name), max_steps=2, report_to="none", use_cpu=True,
                 per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True,
                 dataloader_pin_memory=False,
             )  # fmt: skip
-            collate = data.collator(tok)
+            collate = causal_lm.collator(tok)
             trainer = cls(model=model, args=args, train_dataset=train, data_collator=collate)
             trainer.train()  # optimizer state exists now
             for rep in range(reps + 1):  # the first allocates tunelab's snapshot buffers
@@ -266,11 +268,12 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
 
     from tunelab import artifacts, config, data, tracking
     from tunelab import model as models
+    from tunelab.tasks import causal_lm
 
     cfg = config.compose(model_overrides())
     rows = data.load(cfg.data)
     tok = models.load_tokenizer(cfg.model, rows.texts())
-    model = models.load_model(cfg.model, tok)
+    model = models.load_model(cfg.model, tok, None, causal_lm, rows)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

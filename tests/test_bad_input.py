@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import TINY, env
 from tunelab import config, data
+from tunelab.tasks import causal_lm
 
 # (arguments after `tunelab train`, lines the error must hold)
 CASES = [
@@ -132,11 +133,11 @@ def test_long_rows_are_counted_and_truncated_or_refused(tmp_path, caplog):
     loaded = data.load(cfg)
     tok = models.train_tokenizer(loaded.texts())
     with caplog.at_level("WARNING", logger="tunelab"):
-        out = data.tokenize(loaded.train, tok, 20)
+        out = causal_lm.tokenize(loaded.train, tok, 20)
     assert out.truncated_rows == 2 and max(len(ids) for ids in out.dataset["input_ids"]) == 20
     assert "2 of 4 train rows were longer than data.max_length=20 tokens" in caplog.text
     with pytest.raises(data.DataError, match=r"data.max_length: 2 of 4 train rows are longer"):
-        data.tokenize(loaded.train, tok, 20, truncate=False)
+        causal_lm.tokenize(loaded.train, tok, 20, truncate=False)
 
 
 def test_a_bad_data_file_stops_before_an_mlflow_run_exists(tmp_path):

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import TINY, Workspace, env, tunelab
 from tunelab import artifacts, checkpoints, cli, config, data, locks
+from tunelab.tasks import causal_lm
 
 # ---------------------------------------------------------------------------------------------
 # Numbers, names and paths: one line each, before anything starts.
@@ -147,7 +148,7 @@ def test_any_file_content_is_rows_or_one_data_error(tmp_path_factory, content, s
         isinstance(v, str) for r in rows.train + rows.eval for v in r.values()
     )
     tokenizer = models.train_tokenizer(rows.texts())
-    prepared = data.prepare(
+    prepared = causal_lm.prepare(
         rows, tokenizer, config.compose(["data=text_files", f"data.train={path}"]).data
     )
     assert len(prepared.train) == len(rows.train)

@@ -1,9 +1,8 @@
-"""The run's data: rows (generated or read from files), tokenized datasets, and the task metrics.
+"""The run's data: rows generated in code or read from files, before any tokenizer sees them.
 
 A row is either `{"text": ...}` (trained on all tokens) or `{"prompt": ..., "completion": ...}`
-(trained on the completion only; exact match is reported). Rows become `datasets.Dataset`s of
-`input_ids` / `labels`, with -100 on the tokens that carry no loss. What evaluation reports is
-tunelab.metrics'.
+(trained on the completion only; exact match is reported). Each task (tunelab.tasks) turns rows
+into the tensors its model trains on.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import ConfigError
-from tunelab.metrics import IGNORE
 
 
 @dataclass
@@ -193,85 +191,3 @@ def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, st
             "data.prompt_column and data.completion_column"
         )
     return {"text": text(cfg.text_column)}
-
-
-@dataclass
-class Tokenized:
-    """A split as a `datasets.Dataset` of input_ids/labels, and how many rows were cut."""
-
-    dataset: Any
-    truncated_rows: int = 0
-
-
-@dataclass
-class Prepared:
-    """The run's tokenized splits (`eval` None without an eval set)."""
-
-    train: Any
-    eval: Any | None
-    truncated_rows: int
-
-    @property
-    def train_tokens(self) -> int:
-        return sum(len(ids) for ids in self.train["input_ids"])
-
-
-def prepare(rows: Rows, tokenizer: Any, cfg: Any) -> Prepared:
-    """Both splits of `rows` tokenized for `cfg.data` (max_length, truncate)."""
-    train = tokenize(rows.train, tokenizer, cfg.max_length, cfg.truncate)
-    evaluation = (
-        tokenize(rows.eval, tokenizer, cfg.max_length, cfg.truncate, "eval") if rows.eval else None
-    )
-    truncated = train.truncated_rows + (evaluation.truncated_rows if evaluation else 0)
-    return Prepared(train.dataset, evaluation.dataset if evaluation else None, truncated)
-
-
-def tokenize(
-    rows: list[dict[str, str]],
-    tokenizer: Any,
-    max_length: int,
-    truncate: bool = True,
-    split: str = "train",
-) -> Tokenized:
-    """A `datasets.Dataset` of input_ids/labels; loss only on completions where there are any.
-    Rows longer than `max_length` tokens are cut (counted, with a warning) or, with
-    `truncate=False`, refused."""
-    import logging
-
-    import datasets
-
-    eos = [tokenizer.eos_token_id]
-    input_ids, labels = [], []
-    too_long, longest = 0, 0
-    for row in rows:
-        if "completion" in row:
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
-            ids, lab = prompt + answer, [IGNORE] * len(prompt) + answer
-        else:
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
-            lab = list(ids)
-        if len(ids) > max_length:
-            too_long, longest = too_long + 1, max(longest, len(ids))
-        input_ids.append(ids[:max_length])
-        labels.append(lab[:max_length])
-    if too_long and not truncate:
-        raise DataError(
-            f"data.max_length: {too_long} of {len(rows)} {split} rows are longer than "
-            f"{max_length} tokens (the longest: {longest}); raise data.max_length or set "
-            "data.truncate=true to cut them"
-        )
-    if too_long:
-        logging.getLogger("tunelab").warning(
-            "%d of %d %s rows were longer than data.max_length=%d tokens and were truncated "
-            "(the longest: %d)", too_long, len(rows), split, max_length, longest
-        )  # fmt: skip
-    dataset = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
-    return Tokenized(dataset, too_long)
-
-
-def collator(tokenizer: Any) -> Any:
-    """Pads input_ids with the pad token and labels with -100."""
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding=True)

@@ -1,4 +1,5 @@
-"""Metric names, directions and default objectives for every task, and their computation.
+"""Metric names, directions and default objectives for every task (each task's module in
+tunelab.tasks computes them).
 
 Everything that needs to know which metrics a task reports, which way is better, or what a sweep
 optimises by default asks here: the config checks, checkpoint rotation, sweeps, the Optuna
@@ -74,38 +75,4 @@ def final(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Computation (causal LM): Trainer's compute_metrics and preprocess_logits_for_metrics.
-
-IGNORE = -100  # label of a token that carries no loss
-
-
-def argmax_logits(logits: Any, labels: Any) -> Any:
-    """Keep only the predicted token ids, so evaluation does not hold every logit in memory."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return logits.argmax(dim=-1)
-
-
-def causal_lm(has_completions: bool) -> Any:
-    """compute_metrics for Trainer: token accuracy, plus exact match for prompt/completion rows.
-
-    Under teacher forcing a row whose every answer token is the argmax is exactly the row that
-    greedy decoding would reproduce, so this exact match equals greedy generation's, without
-    generating.
-    """
-    import numpy as np
-
-    def compute(eval_pred: Any) -> dict[str, float]:
-        preds, labels = eval_pred.predictions, eval_pred.label_ids
-        preds, labels = preds[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE
-        hit = (preds == labels) & mask
-        out = {"token_accuracy": float(hit.sum() / max(mask.sum(), 1))}
-        if has_completions:
-            rows = mask.any(axis=1)
-            exact = np.all(hit | ~mask, axis=1) & rows
-            out["exact_match"] = float(exact.sum() / max(rows.sum(), 1))
-        return out
-
-    return compute
+IGNORE = -100  # label of a token (or a word piece) that carries no loss

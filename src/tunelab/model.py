@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tunelab.config import ConfigError
+
+log = logging.getLogger("tunelab")
 
 SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -74,39 +78,56 @@ def train_tokenizer(texts: list[str], vocab_size: int = 0, max_length: int | Non
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, **extra)
 
 
-def load_model(cfg: Any, tokenizer: Any, source: str | None = None) -> Any:
-    """The pretrained model at `source` (default `cfg.name_or_path`), or a fresh one from
-    `cfg.arch`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(cfg: Any, tokenizer: Any, source: str | None, task: ModuleType, rows: Any) -> Any:
+    """The pretrained model at `source` (default `cfg.name_or_path`) with the head `task` needs
+    (its Auto class, the labels the rows hold), or a fresh one from `cfg.arch`. Weights the
+    checkpoint did not have (a new classification head) are reported in one line."""
+    import transformers
 
+    auto = getattr(transformers, task.AUTO_CLASS)
+    extra = task.model_kwargs(rows)
     source = source or cfg.name_or_path
     if source:
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its multi-line warning becomes ours below
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = auto.from_pretrained(
                 source,
                 trust_remote_code=cfg.trust_remote_code,
                 # Without allow_pickle, transformers itself refuses pytorch_model.bin.
-                use_safetensors=None if cfg.get("allow_pickle") else True,
+                use_safetensors=None if cfg.allow_pickle else True,
+                output_loading_info=True,
+                **extra,
             )
         except (OSError, ValueError) as exc:
             raise ModelError(source, exc) from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        fresh = sorted(info.get("missing_keys") or [])
+        if fresh:
+            shown = ", ".join(fresh[:6]) + (f" and {len(fresh) - 6} more" if len(fresh) > 6 else "")
+            log.info("model: newly initialised (not in %s): %s", source, shown)
         embeddings: Any = model.get_input_embeddings()
         if len(tokenizer) > embeddings.num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
         arch = dict(cfg.arch)
-        config = AutoConfig.for_model(
+        config = transformers.AutoConfig.for_model(
             arch.pop("model_type"),
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             **arch,
+            **extra,
         )
-        model = AutoModelForCausalLM.from_config(config)
-    gen = model.generation_config
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.eos_token_id = tokenizer.eos_token_id
+        model = auto.from_config(config)
+    if model.config.pad_token_id is None:  # a decoder used as a classifier finds padding by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.can_generate():
+        gen = model.generation_config
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.eos_token_id = tokenizer.eos_token_id
     return model
 
 

@@ -8,11 +8,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import artifacts, checkpoints, config, data, locks, metrics, sweeps, tracking
+from tunelab import artifacts, checkpoints, config, data, locks, metrics, sweeps, tasks, tracking
 from tunelab import model as models
 
 log = logging.getLogger("tunelab")
@@ -61,7 +62,8 @@ def _run(
     rows = data.load(cfg.data)
     source = models.fetch(cfg.model.name_or_path, cfg.tracking.uri, Path(cfg.output.root))
     tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
-    prepared = data.prepare(rows, tokenizer, cfg.data)
+    task = tasks.get(cfg.model.task)
+    prepared = task.prepare(rows, tokenizer, cfg.data)
     log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
 
     tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
@@ -82,13 +84,13 @@ def _run(
         with tracking.recording(tracker):
             stopper.raise_pending()
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
-            model = models.load_model(cfg.model, tokenizer, source)
+            model = models.load_model(cfg.model, tokenizer, source, task, rows)
             n_params, n_trainable = models.parameter_count(model)
             base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
             tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)
 
             extra = [TrackingCallback(tracker), stopper, *callbacks]
-            trainer = _trainer(cfg, run_dir, model, tokenizer, prepared, rows, tracker, extra)
+            trainer = _trainer(cfg, run_dir, model, tokenizer, task, prepared, rows, tracker, extra)
             train_out = trainer.train(
                 resume_from_checkpoint=str(resume_from) if resume_from else None
             )
@@ -217,7 +219,8 @@ def _trainer(
     run_dir: Path,
     model: Any,
     tokenizer: Any,
-    prepared: data.Prepared,
+    task: ModuleType,
+    prepared: tasks.Prepared,
     rows: data.Rows,
     tracker: tracking.Tracker,
     callbacks: list[Any],
@@ -229,10 +232,10 @@ def _trainer(
         args=training_arguments(cfg, run_dir, has_eval=prepared.eval is not None),
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
-        data_collator=data.collator(tokenizer),
+        data_collator=task.collator(tokenizer),
         processing_class=tokenizer,
-        compute_metrics=metrics.causal_lm(rows.has_completions),
-        preprocess_logits_for_metrics=metrics.argmax_logits,
+        compute_metrics=task.compute_metrics(rows),
+        preprocess_logits_for_metrics=task.preprocess_logits,
         callbacks=callbacks,
         checkpoint=cfg.checkpoint,
         on_commit=tracker.checkpoint_hook(cfg.tracking.log_checkpoints),

@@ -1,0 +1,37 @@
+"""Tasks: one module per `model.task`, each owning what differs between tasks: the Auto class
+that loads the model, how rows become tensors, the collator, and the metrics computation.
+
+A task module defines `AUTO_CLASS`, `PIPELINE` (the transformers pipeline that serves it),
+`prepare(rows, tokenizer, data_cfg) -> Prepared`, `model_kwargs(rows) -> dict` (what
+`from_pretrained` needs from the data: labels), `collator(tokenizer)`, `compute_metrics(rows)`
+and `preprocess_logits(logits, labels)`. Metric names and directions are tunelab.metrics'.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from tunelab import metrics
+
+
+@dataclass
+class Prepared:
+    """The run's tokenized splits (`eval` None without an eval set)."""
+
+    train: Any
+    eval: Any | None
+    truncated_rows: int
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(ids) for ids in self.train["input_ids"])
+
+
+def get(task: str) -> ModuleType:
+    """The module of `task` (one of tunelab.metrics.TASKS)."""
+    if task not in metrics.TASKS:
+        raise ValueError(f"model.task: {task!r} is not one of {', '.join(metrics.TASKS)}")
+    return importlib.import_module(f"tunelab.tasks.{task}")
