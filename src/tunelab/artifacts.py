@@ -44,6 +44,9 @@ class ArtifactInfo:
     mlflow_run_id: str | None
     overrides: list[str] = field(default_factory=list)
     resumed_from: str | None = None
+    task: str = "causal_lm"
+    auto_class: str = "AutoModelForCausalLM"
+    labels: list[str] | None = None  # classification / tagging: id order, as in config.json
 
 
 def save_final(
@@ -272,11 +275,13 @@ Fine-tuned with tunelab (Hugging Face Trainer, configured by Hydra, tracked in M
 | --- | --- |
 {rows}
 
+- Task: {info.task}{f" (labels: {', '.join(info.labels)})" if info.labels else ""}
+
 ## Load
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+from transformers import {info.auto_class}, AutoTokenizer
+model = {info.auto_class}.from_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```
 

@@ -6,8 +6,10 @@ answer without loading torch, transformers or mlflow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,9 +29,11 @@ commands:
   export RUN_ID DIR   download a run's model, ready for from_pretrained(DIR)
   generate PATH|RUN_ID PROMPT
                       load a model (directory, run id or runs:/ URI) and continue PROMPT
+  predict PATH|RUN_ID TEXT...
+                      label each TEXT with a classifier, or tag its words with a tagger
   ui [--port N]       MLflow UI on the same store `tunelab train` writes to (127.0.0.1)
 
-`runs`, `export`, `generate` and `ui` take --uri (default: the store `train` uses:
+`runs`, `export`, `generate`, `predict` and `ui` take --uri (default: the store `train` uses:
 $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
 
 examples:
@@ -276,18 +280,36 @@ def generate(args: list[str]) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=_positive, default=16)
     opts = parser.parse_args(args)
-    import tempfile
-    from pathlib import Path
-
     from tunelab.model import generate as continue_prompt
+
+    with _local_model(opts.model, opts.uri) as path:
+        print(opts.prompt + continue_prompt(path, opts.prompt, opts.max_new_tokens))
+
+
+def predict(args: list[str]) -> None:
+    parser = _parser("predict", "Label TEXT with a classifier or tagger: one line per text.")
+    parser.add_argument("model", help="a model directory, a run id, or runs:/ / models:/ URI")
+    parser.add_argument("text", nargs="+")
+    opts = parser.parse_args(args)
+    from tunelab.model import predict as label
+
+    with _local_model(opts.model, opts.uri) as path:
+        for text, answer in zip(opts.text, label(path, opts.text), strict=True):
+            print(f"{text}\t{answer}")
+
+
+@contextlib.contextmanager
+def _local_model(model: str, uri: str | None) -> Iterator[str]:
+    """A model directory as it is, or a run's model downloaded (and verified) for the call."""
+    import tempfile
+
     from tunelab.tracking import download_model
 
-    if Path(opts.model).is_dir():
-        print(opts.prompt + continue_prompt(opts.model, opts.prompt, opts.max_new_tokens))
+    if Path(model).is_dir():
+        yield model
         return
     with tempfile.TemporaryDirectory() as tmp:
-        local = download_model(opts.model, Path(tmp) / "model", opts.uri)
-        print(opts.prompt + continue_prompt(str(local), opts.prompt, opts.max_new_tokens))
+        yield str(download_model(model, Path(tmp) / "model", uri))
 
 
 def ui(args: list[str]) -> None:
@@ -303,4 +325,4 @@ def ui(args: list[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
-TOOLS = {"runs": runs, "export": export, "generate": generate, "ui": ui}
+TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui}

@@ -36,7 +36,13 @@ class Rows:
 
     def texts(self) -> list[str]:
         """Training texts, for training a tokenizer from scratch."""
-        return [r.get("text") or r["prompt"] + r["completion"] for r in self.train]
+        return [_text_of(r) for r in self.train]
+
+
+def _text_of(row: dict[str, Any]) -> str:
+    if "text" in row:
+        return " ".join(row["text"]) if isinstance(row["text"], list) else str(row["text"])
+    return str(row["prompt"]) + str(row["completion"])
 
 
 def _digest(*splits: list[dict[str, str]]) -> str:
@@ -163,7 +169,7 @@ def _records(text: str, key: str, path: Path) -> list[tuple[int, Any]]:
     return out
 
 
-def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, str]:
+def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise DataError(
             f"{key}: {path} line {line}: expected a JSON object, got {type(record).__name__}"
@@ -190,4 +196,11 @@ def _row(record: Any, cfg: Any, key: str, path: Path, line: int) -> dict[str, st
             f"{', '.join(map(repr, record)) or 'no columns'}: set data.text_column, or "
             "data.prompt_column and data.completion_column"
         )
-    return {"text": text(cfg.text_column)}
+    value = record[cfg.text_column]
+    row: dict[str, Any] = {
+        # A list of words (token classification) stays a list.
+        "text": [str(w) for w in value] if isinstance(value, list) else text(cfg.text_column)
+    }
+    if cfg.label_column in record:
+        row["label"] = record[cfg.label_column]
+    return row

@@ -17,6 +17,16 @@ Mode = Literal["min", "max"]
 # Exact match needs prompt/completion rows.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "causal_lm": ("eval_loss", "eval_token_accuracy", "eval_exact_match"),
+    # eval_rmse instead of accuracy and F1 for a regression (number labels).
+    "sequence_classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_rmse"),
+    # Entity-level precision/recall/F1 (seqeval) and tag accuracy.
+    "token_classification": (
+        "eval_loss",
+        "eval_accuracy",
+        "eval_precision",
+        "eval_recall",
+        "eval_f1",
+    ),
 }
 TASKS = tuple(TASK_METRICS)
 
@@ -54,9 +64,12 @@ def default_objective(
     task: str, has_completions: bool, metrics: Mapping[str, Any] | None = None
 ) -> str:
     """What a sweep ranks jobs by when `sweep.objective` is unset: exact match for
-    prompt/completion data, else the eval loss (else the train loss, for a run without an eval
-    set, once its metrics are known)."""
-    preferred = ["eval_exact_match"] if has_completions else []
+    prompt/completion data, F1 for classification and tagging, else the eval loss (else the
+    train loss, for a run without an eval set, once its metrics are known)."""
+    if task == "causal_lm":
+        preferred = ["eval_exact_match"] if has_completions else []
+    else:
+        preferred = ["eval_f1"]
     preferred += ["eval_loss"]
     if metrics is None:
         return preferred[0]

@@ -131,11 +131,39 @@ def load_model(cfg: Any, tokenizer: Any, source: str | None, task: ModuleType, r
     return model
 
 
+def label_names(model: Any) -> list[str] | None:
+    """A classifier's label names in id order (as its config.json has them), else None."""
+    kind = type(model).__name__
+    if not kind.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return None
+    if getattr(model.config, "problem_type", None) == "regression":
+        return None
+    id2label = getattr(model.config, "id2label", None) or {}
+    return [str(id2label[i]) for i in sorted(id2label)]
+
+
 def parameter_count(model: Any) -> tuple[int, int]:
     """(all parameters, trainable parameters)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def predict(path: str, texts: list[str]) -> list[str]:
+    """Each text's label and score (a classifier), or its tagged entities (a tagger)."""
+    from transformers import AutoConfig, pipeline
+
+    architectures = AutoConfig.from_pretrained(path).architectures or [""]
+    if architectures[0].endswith("ForTokenClassification"):
+        tagger = pipeline("token-classification", model=path, aggregation_strategy="simple")
+        return [
+            " ".join(f"{e['word']}/{e['entity_group']}" for e in found) or "(no entities)"
+            for found in tagger(texts)
+        ]
+    if not architectures[0].endswith("ForSequenceClassification"):
+        raise RuntimeError(f"{path} holds a {architectures[0]}; predict takes a classifier")
+    classifier = pipeline("text-classification", model=path)
+    return [f"{r['label']} ({r['score']:.3f})" for r in classifier(texts)]
 
 
 def generate(path: str, prompt: str, max_new_tokens: int = 16) -> str:

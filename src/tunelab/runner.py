@@ -114,6 +114,9 @@ def _run(
                 mlflow_run_id=tracker.run_id,
                 overrides=list(overrides),
                 resumed_from=str(resume_from) if resume_from else None,
+                task=cfg.model.task,
+                auto_class=task.AUTO_CLASS,
+                labels=models.label_names(model),
             )
             artifact = run_dir / "model"
             if main_process:

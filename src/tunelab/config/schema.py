@@ -79,6 +79,7 @@ class FilesDataSchema:
     text_column: str
     prompt_column: str
     completion_column: str
+    label_column: str
     seed: Annotated[int, _SEED]
     max_length: Annotated[int, Rule(min=2, max=2**20)]
     truncate: bool

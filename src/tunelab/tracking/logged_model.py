@@ -24,8 +24,11 @@ def log_model(tracker: MlflowTracker, local_dir: Path, final: dict[str, Any], st
     eval metrics linked to it. Returns the model id."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
+    from tunelab import tasks
     from tunelab.tracking.tracker import metric_key
 
+    task_name = str(artifacts.read_manifest(local_dir).get("task") or "causal_lm")
+    task = tasks.get(task_name)
     client = tracker.client
     if tracker.continued:  # only an earlier process of this run can have left one
         for old in _logged_models(client, tracker.experiment_id, tracker.id):
@@ -34,12 +37,12 @@ def log_model(tracker: MlflowTracker, local_dir: Path, final: dict[str, Any], st
         tracker.experiment_id,
         name="model",
         source_run_id=tracker.id,
-        tags={"tunelab.format": "huggingface", "tunelab.loader": "AutoModelForCausalLM"},
-        model_type="transformers/causal_lm",
+        tags={"tunelab.format": "huggingface", "tunelab.loader": task.AUTO_CLASS},
+        model_type=f"transformers/{task_name}",
     )
     if not _link_into(model.artifact_location, local_dir):
         client.log_model_artifacts(model.model_id, str(local_dir))
-    _log_transformers_flavor(client, model.model_id, local_dir)
+    _log_transformers_flavor(client, model.model_id, local_dir, task.PIPELINE)
     now = int(time.time() * 1000)
     linked = [
         Metric(metric_key(k), v, now, step, model_id=model.model_id)
@@ -52,7 +55,15 @@ def log_model(tracker: MlflowTracker, local_dir: Path, final: dict[str, Any], st
     return str(model.model_id)
 
 
-def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path) -> None:
+# The pipeline class MLflow's transformers flavor instantiates for each pipeline task.
+_PIPELINES = {
+    "text-generation": "TextGenerationPipeline",
+    "text-classification": "TextClassificationPipeline",
+    "token-classification": "TokenClassificationPipeline",
+}
+
+
+def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeline: str) -> None:
     """An MLmodel file beside the Hugging Face files, so `mlflow.transformers.load_model` and
     pyfunc load the logged model too. It points the flavor's weights at the directory itself
     (model_binary ".") rather than a copy; only the tokenizer files (small) are repeated under
@@ -78,8 +89,8 @@ def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path) -> Non
             "transformers",
             transformers_version=transformers.__version__,
             code=None,
-            task="text-generation",
-            instance_type="TextGenerationPipeline",
+            task=pipeline,
+            instance_type=_PIPELINES[pipeline],
             pipeline_model_type=arch[0],
             source_model_name="tunelab",
             framework="pt",

