@@ -84,7 +84,7 @@ def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeli
         for file in local_dir.iterdir():
             if file.is_file() and not file.name.startswith(weights_and_ours):
                 shutil.copy2(file, components / file.name)
-        flavor = Model(model_id=model_id)
+        flavor = Model(model_id=model_id, signature=_signature(pipeline))
         flavor.add_flavor(
             "transformers",
             transformers_version=transformers.__version__,
@@ -101,6 +101,21 @@ def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeli
         flavor.add_flavor("python_function", loader_module="mlflow.transformers")
         flavor.save(str(Path(tmp, "MLmodel")))
         client.log_model_artifacts(model_id, tmp)
+
+
+def _signature(pipeline: str) -> Any:
+    """Texts in; generated text, or a label and its score, out. With it the scoring server
+    (`mlflow models serve`) takes `{"inputs": ["...", ...]}` as a column of strings."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    if pipeline == "text-classification":
+        outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")])
+    elif pipeline == "token-classification":
+        outputs = Schema([ColSpec(DataType.string)])
+    else:
+        outputs = Schema([ColSpec(DataType.string)])
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=outputs)
 
 
 def _logged_models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
