@@ -197,9 +197,10 @@ def test_long_param_values_are_truncated_not_dropped(workspace, tmp_path):
 
 
 def test_failing_run_is_marked_failed(workspace):
-    # 32 embedding dims do not split over 3 heads: the model fails to build after tracking began.
-    proc = workspace.train("model.arch.n_head=3", "checkpoint=none", check=False)
-    assert proc.returncode != 0
+    # No CUDA device here: found when the Trainer is built, after tracking began.
+    proc = workspace.train("training.device=cuda", "checkpoint=none", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "training.device: cuda, but this machine has no CUDA device" in proc.stderr
     client, run = only_run(workspace)
     assert run.info.status == "FAILED"
     assert "tunelab.error" in run.data.tags

@@ -10,11 +10,14 @@ and `preprocess_logits(logits, labels)`. Metric names and directions are tunelab
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from tunelab import metrics
+
+log = logging.getLogger("tunelab")
 
 
 @dataclass
@@ -28,6 +31,22 @@ class Prepared:
     @property
     def train_tokens(self) -> int:
         return sum(len(ids) for ids in self.train["input_ids"])
+
+
+def count_cut(encoded: Any, split: str, cfg: Any) -> int:
+    """How many rows of the tokenized split `encoded` (its `too_long` column) were longer than
+    `cfg.max_length`: refused with `cfg.truncate` false, else reported; the column is dropped."""
+    from tunelab.data import DataError
+
+    cut = int(sum(encoded["too_long"]))
+    if cut and not cfg.truncate:
+        raise DataError(
+            f"data.max_length: {cut} of {len(encoded)} {split} rows are longer than "
+            f"{cfg.max_length} tokens; raise data.max_length or set data.truncate=true"
+        )
+    if cut:
+        log.warning("%d %s rows were cut at data.max_length=%d tokens", cut, split, cfg.max_length)
+    return cut
 
 
 def get(task: str) -> ModuleType:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from tunelab.data import DataError
-from tunelab.tasks import Prepared
+from tunelab.tasks import Prepared, count_cut
 
 AUTO_CLASS = "AutoModelForSequenceClassification"
 PIPELINE = "text-classification"
@@ -108,17 +108,7 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
             return enc
 
         encoded = column.map(encode, batched=True, remove_columns=column.column_names)
-        cut = sum(encoded["too_long"])
-        if cut and not cfg.truncate:
-            raise DataError(
-                f"data.max_length: {cut} of {len(encoded)} {split_name} rows are longer than "
-                f"{cfg.max_length} tokens; raise data.max_length or set data.truncate=true"
-            )
-        if cut:
-            log.warning(
-                "%d %s rows were cut at data.max_length=%d tokens", cut, split_name, cfg.max_length
-            )
-        truncated += cut
+        truncated += count_cut(encoded, split_name, cfg)
         splits.append(encoded.remove_columns("too_long"))
     return Prepared(splits[0], splits[1], truncated)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.data import DataError
 from tunelab.metrics import IGNORE
-from tunelab.tasks import Prepared
+from tunelab.tasks import Prepared, count_cut
 from tunelab.tasks.sequence_classification import dataset
 
 AUTO_CLASS = "AutoModelForTokenClassification"
@@ -101,20 +101,7 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
             return dict(enc)
 
         encoded = column.map(encode, batched=True, remove_columns=column.column_names)
-        cut_rows = sum(encoded["too_long"])
-        if cut_rows and not cfg.truncate:
-            raise DataError(
-                f"data.max_length: {cut_rows} of {len(encoded)} {split_name} rows are longer than "
-                f"{cfg.max_length} tokens; raise data.max_length or set data.truncate=true"
-            )
-        if cut_rows:
-            log.warning(
-                "%d %s rows were cut at data.max_length=%d tokens",
-                cut_rows,
-                split_name,
-                cfg.max_length,
-            )
-        truncated += cut_rows
+        truncated += count_cut(encoded, split_name, cfg)
         splits.append(encoded.remove_columns("too_long"))
     return Prepared(splits[0], splits[1], truncated)
 
