@@ -86,6 +86,7 @@ def train(args: list[str]) -> None:
         train_job
     )
     sys.argv = [sys.argv[0], *args]
+    sweeps.forget_failures()  # a process may run several commands (tests, notebooks)
     try:
         app()
         failed = sweeps.failed_jobs()

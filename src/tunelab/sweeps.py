@@ -95,7 +95,13 @@ def failures(sweep_dir: Path) -> list[dict[str, str]]:
 
 
 def failed_jobs() -> int:
+    """Jobs of this process's last multirun that failed (0 before any)."""
     return _failed
+
+
+def forget_failures() -> None:
+    global _failed
+    _failed = 0
 
 
 def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) -> str | None:
