@@ -141,10 +141,10 @@ class CheckpointingTrainer(Trainer):
         """At the step boundary: wait for the previous commit, copy the state into CPU
         buffers, write the small files; the big ones and the commit go to the writer."""
         self.writer.wait()  # one checkpoint in flight; raises if the previous one failed
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()  # a collective under DDP: every rank must take part
         if not self.args.should_save:
             return  # DDP: every rank holds the same state, rank 0 writes it
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
         root = Path(self._get_output_dir(trial=trial))
         step = self.state.global_step
         final, partial = root / f"{PREFIX}{step}", partial_dir(root, step)
