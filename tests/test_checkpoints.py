@@ -248,7 +248,10 @@ def _fake_checkpoint(root: Path, step: int, loss: float | None, commit: bool = T
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(os.urandom(64))
     if commit:
-        checkpoints.commit(path, step, 1.0, {} if loss is None else {"eval_loss": loss})
+        # Only the weights: rotation is about directories, not their contents.
+        checkpoints.commit(
+            path, step, 1.0, {} if loss is None else {"eval_loss": loss}, required=()
+        )
     return path
 
 
