@@ -15,12 +15,15 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tunelab.model import is_peft
+
 MANIFEST = "manifest.json"
+ADAPTER_DIR = "adapter"  # a PEFT run's adapter, in model/adapter/ beside the merged model
 RUN_RECORD = "tunelab_run.json"  # in the run directory: config fingerprint and MLflow run id
 CONFIG = "tunelab.yaml"
 CHECKSUMS = ("sha256", "xxh3_128")
@@ -47,6 +50,7 @@ class ArtifactInfo:
     task: str = "causal_lm"
     auto_class: str = "AutoModelForCausalLM"
     labels: list[str] | None = None  # classification / tagging: id order, as in config.json
+    peft: dict[str, Any] | None = None  # the adapter of a PEFT run: set by save_final
 
 
 def save_final(
@@ -62,6 +66,13 @@ def save_final(
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if is_peft(model):
+        # peft=lora: the adapter in adapter/, then the model with the adapter merged into its
+        # weights (in place: this is the trained model's last use), so that model/ loads with
+        # plain transformers, no peft needed.
+        info = replace(info, peft=save_adapter(model, tmp / ADAPTER_DIR))
+        model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuses NaN weights
+        info = replace(info, parameters=sum(p.numel() for p in model.parameters()))
     model.save_pretrained(tmp)  # safetensors (transformers 5 writes nothing else)
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG).write_text(resolved_config, encoding="utf-8")
@@ -73,6 +84,50 @@ def save_final(
             file.chmod(0o444)
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+def save_adapter(model: Any, out_dir: Path) -> dict[str, Any]:
+    """The PEFT `model`'s adapter (`adapter_config.json`, `adapter_model.safetensors`) into
+    `out_dir`; returns what the manifest records of it, the base weights' sha256 among it."""
+    model.save_pretrained(out_dir)
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's blank card; ours describes the run
+    config = model.peft_config[model.active_adapter]
+    targets = config.target_modules
+    return {
+        "method": str(config.peft_type.value).lower(),
+        "r": getattr(config, "r", None),
+        "alpha": getattr(config, "lora_alpha", None),
+        "dropout": getattr(config, "lora_dropout", None),
+        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        "bias": getattr(config, "bias", None),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "base_model": config.base_model_name_or_path,
+        "base_weights_sha256": weights_sha256(config.base_model_name_or_path),
+    }
+
+
+def weights_sha256(model: str | None) -> dict[str, str] | None:
+    """{weights file: sha256} of the model directory (or hub id in the local cache) `model`;
+    None when its files are not on this machine (a model built from config)."""
+    directory = Path(model) if model and Path(model).is_dir() else _hub_cache_dir(model)
+    if directory is None:
+        return None
+    index = read_json(directory / "model.safetensors.index.json").get("weight_map") or {}
+    names = sorted(set(index.values())) if index else ["model.safetensors"]
+    found = {n: sha256_file(directory / n) for n in names if (directory / n).is_file()}
+    return found or None
+
+
+def _hub_cache_dir(repo_id: str | None) -> Path | None:
+    if not repo_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def refuse_pickles(directory: Path) -> None:
@@ -277,6 +332,7 @@ Fine-tuned with tunelab (Hugging Face Trainer, configured by Hydra, tracked in M
 
 - Task: {info.task}{f" (labels: {', '.join(info.labels)})" if info.labels else ""}
 
+{_adapter_card(info.peft)}
 ## Load
 
 ```python
@@ -287,6 +343,29 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 
 `tunelab.yaml` is the resolved config of the run; `manifest.json` lists the sha256 and size of
 every file, the library versions and the git commit.
+"""
+
+
+def _adapter_card(peft: dict[str, Any] | None) -> str:
+    if not peft:
+        return ""
+    targets = peft["target_modules"]
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
+    base = peft["base_model"] or "the base model built from config (same config and seed)"
+    load_base = peft["base_model"] or "path/to/the/base"
+    return f"""
+## Adapter
+
+Trained as a {peft["method"].upper()} adapter (r={peft["r"]}, alpha={_fmt(peft["alpha"])}, on
+{targets}) of {base}. The weights in this directory are the model with the adapter merged in; the
+adapter alone is in `adapter/` (the base weights' sha256 is in `manifest.json`):
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained("{load_base}")
+model = PeftModel.from_pretrained(base, "path/to/this/dir/adapter")
+```
 """
 
 

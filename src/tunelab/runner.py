@@ -85,6 +85,7 @@ def _run(
             stopper.raise_pending()
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
             model = models.load_model(cfg.model, tokenizer, source, task, rows)
+            model = models.apply_peft(model, cfg.peft, cfg.model.task)  # peft=lora: an adapter
             n_params, n_trainable = models.parameter_count(model)
             base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
             tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)

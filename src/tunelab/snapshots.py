@@ -18,7 +18,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tunelab.model import is_peft
+
 OPTIMIZER = "optimizer.safetensors"  # tensors; param groups and plain values in its metadata
+ADAPTER = "adapter_model.safetensors"  # a PEFT model's checkpoint: the adapter, not the model
 SCHEDULER = "scheduler.json"
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to the block size
 _CHUNK = 64 << 20
@@ -247,6 +250,24 @@ class Snapshot:
         self._cuda = self._cuda or any(t.is_cuda for t in tensors.values())
         return staged
 
+    def stage_adapter(self, model: Any) -> StagedAdapter | None:
+        """For a PEFT model (peft=lora): its adapter's tensors, as `PeftModel.save_pretrained`
+        writes them, staged as the image of `adapter_model.safetensors`, and a copy of the
+        adapter's config. None for any other model (and for several adapters at once, which
+        are saved with save_pretrained from a copy)."""
+        if not is_peft(model) or len(model.peft_config) != 1:
+            return None
+        import copy
+
+        from peft import get_peft_model_state_dict
+
+        name = model.active_adapter
+        tensors = get_peft_model_state_dict(model, adapter_name=name)
+        config = copy.deepcopy(model.peft_config[name])
+        config.inference_mode = True  # as save_pretrained writes it
+        staged = self.stage("adapter", {k: v.contiguous() for k, v in tensors.items()}, _PT)
+        return StagedAdapter(staged, config)
+
     def ready(self) -> None:
         """Wait for device-to-host copies, so training may change the originals."""
         if self._cuda:
@@ -254,6 +275,16 @@ class Snapshot:
 
             torch.cuda.synchronize()
             self._cuda = False
+
+
+class StagedAdapter:
+    """A PEFT adapter staged for a checkpoint: its weights file's image and its config."""
+
+    def __init__(self, weights: StagedFile, config: Any) -> None:
+        self.weights, self.config = weights, config
+
+
+_PT = {"format": "pt"}  # the metadata save_pretrained writes into a safetensors file
 
 
 def weights_to_save(model: Any) -> dict[str, Any] | None:
@@ -267,7 +298,8 @@ def weights_to_save(model: Any) -> dict[str, Any] | None:
     except ImportError:  # another transformers layout: take the general path
         return None
     special = (
-        getattr(model, "hf_quantizer", None) is not None
+        is_peft(model)
+        or getattr(model, "hf_quantizer", None) is not None
         or getattr(model, "_hf_peft_config_loaded", False)
         or getattr(model.config, "distributed_config", None) is not None
         or getattr(model, "hf_device_map", None) is not None
@@ -283,10 +315,14 @@ def weights_to_save(model: Any) -> dict[str, Any] | None:
 
 
 def save_weights(
-    model: Any, weights: StagedFile | dict[str, Any], directory: Path
+    model: Any, weights: StagedFile | StagedAdapter | dict[str, Any], directory: Path
 ) -> dict[str, str]:
     """What save_pretrained writes: config, generation config and `model.safetensors` (from the
-    staged image), or save_pretrained itself for a model `weights_to_save` declined."""
+    staged image); for a PEFT model `adapter_config.json` and `adapter_model.safetensors`; or
+    save_pretrained itself for a model `weights_to_save` declined."""
+    if isinstance(weights, StagedAdapter):
+        weights.config.save_pretrained(directory)
+        return {ADAPTER: weights.weights.write(directory / ADAPTER)}
     if not isinstance(weights, StagedFile):
         model.save_pretrained(directory, state_dict=dict(weights))
         return {}

@@ -42,21 +42,32 @@ def step_of(path: Path) -> int:
 # What a checkpoint must hold to resume from it: one name of each group.
 REQUIRED = (
     ("config.json",),
-    ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"),
+    ("model.safetensors", "model.safetensors.index.json"),
     ("optimizer.safetensors", "optimizer.pt"),
     ("scheduler.json", "scheduler.pt"),
     ("trainer_state.json",),
     (ARGS_JSON,),
     ("rng_state.pth", "rng_state_0.pth"),
 )
+# A PEFT model's checkpoint (peft=lora) holds its adapter instead of the model: the base model
+# comes from the run's config, the adapter and its optimizer state from the checkpoint.
+ADAPTER_REQUIRED = (("adapter_config.json",), ("adapter_model.safetensors",), *REQUIRED[2:])
 
 
 class IncompleteCheckpoint(RuntimeError):
     """A checkpoint directory that lacks files a resume needs: never committed."""
 
 
-def missing(directory: Path, required: tuple[tuple[str, ...], ...] = REQUIRED) -> list[str]:
-    """The required files `directory` lacks (one name per missing group)."""
+def required_for(directory: Path) -> tuple[tuple[str, ...], ...]:
+    """ADAPTER_REQUIRED for a checkpoint holding an adapter (either of its files), else REQUIRED."""
+    adapter = any((directory / n).is_file() for (n,) in ADAPTER_REQUIRED[:2])
+    return ADAPTER_REQUIRED if adapter else REQUIRED
+
+
+def missing(directory: Path, required: tuple[tuple[str, ...], ...] | None = None) -> list[str]:
+    """The required files `directory` lacks (one name per missing group); `required` defaults
+    to what its kind of checkpoint needs (required_for)."""
+    required = required or required_for(directory)
     return [names[0] for names in required if not any((directory / n).is_file() for n in names)]
 
 
@@ -67,7 +78,7 @@ def commit(
     metrics: dict[str, float],
     written: Path | None = None,
     known: dict[str, str] | None = None,
-    required: tuple[tuple[str, ...], ...] = REQUIRED,
+    required: tuple[tuple[str, ...], ...] | None = None,
 ) -> None:
     """Make `ckpt` complete: check that it holds every `required` file, fsync every file, then
     write the manifest last (and fsync it). With `written` (a `.partial` directory), the files

@@ -152,9 +152,12 @@ class CheckpointingTrainer(Trainer):
         partial.mkdir(parents=True)
 
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        tensors = snapshots.weights_to_save(unwrapped)
-        weights: snapshots.StagedFile | dict[str, Any]
-        if tensors is not None:
+        adapter = self.snapshot.stage_adapter(unwrapped)  # peft=lora: the adapter alone
+        tensors = snapshots.weights_to_save(unwrapped) if adapter is None else None
+        weights: snapshots.StagedFile | snapshots.StagedAdapter | dict[str, Any]
+        if adapter is not None:
+            weights = adapter
+        elif tensors is not None:
             # As save_pretrained does, and here where nothing else touches the config.
             unwrapped.config.dtype = str(unwrapped.dtype).split(".")[1]
             unwrapped.config.architectures = [unwrapped.__class__.__name__]

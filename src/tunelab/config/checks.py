@@ -84,6 +84,7 @@ def _check_combinations(c: dict[str, Any], problems: list[str]) -> None:
     if resume not in ("auto", "never"):
         problems.extend(_resume_problems(resume))
     problems.extend(_arch_problems(model["arch"] or {}))
+    problems.extend(_peft_problems(c["peft"], c["resume"]))
     problems.extend(_tracking_problems(c["tracking"]))
     positions = (model["arch"] or {}).get("n_positions")
     if positions and not model["name_or_path"] and data["max_length"] > positions:
@@ -145,6 +146,33 @@ def _arch_problems(arch: dict[str, Any]) -> list[str]:
 
 def _divisor_near(n: int, near: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
+
+
+def _peft_problems(peft: dict[str, Any], resume: str) -> list[str]:
+    problems = []
+    lora = peft["method"] != "none"
+    ckpt = Path(resume).expanduser()
+    if resume not in ("auto", "never") and (ckpt / "manifest.json").is_file():
+        adapter = (ckpt / "adapter_config.json").is_file()
+        if adapter != lora:  # Trainer would load nothing of it, silently
+            held = "a LoRA adapter (peft=lora)" if adapter else "a full model (peft=none)"
+            problems.append(
+                f"resume: {resume} holds {held}; resume it with the peft it was trained with"
+            )
+    if not lora:
+        return problems
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        problems.append(f"peft={peft['method']}: needs the peft package (pip install 'peft>=0.17')")
+    targets = peft["target_modules"]
+    names = targets if isinstance(targets, list) else [targets]
+    if targets is not None and (not names or not all(isinstance(n, str) and n for n in names)):
+        problems.append(
+            f"peft.target_modules: {targets!r} is not a list of module names (e.g. "
+            "[q_proj,v_proj]), a regex, or null (the model type's default)"
+        )
+    return problems
 
 
 # Schemes MLflow can track to; a bare path is a local file store.

@@ -24,6 +24,7 @@ class Rule:
     min: float | None = None
     max: float | None = None
     min_exclusive: float | None = None
+    max_exclusive: float | None = None
 
     def problems(self, key: str, value: Any) -> list[str]:
         out = []
@@ -37,6 +38,8 @@ class Rule:
             out.append(f"{key}: {value!r} is above the maximum {self.max}")
         if self.min_exclusive is not None and value <= self.min_exclusive:
             out.append(f"{key}: {value!r} must be greater than {self.min_exclusive}")
+        if self.max_exclusive is not None and value >= self.max_exclusive:
+            out.append(f"{key}: {value!r} must be less than {self.max_exclusive}")
         return out
 
 
@@ -138,6 +141,23 @@ class SweepSchema:
 
 
 @dataclass
+class NoPeftSchema:
+    method: Annotated[str, Rule(choices=("none", "lora"))]
+
+
+@dataclass
+class PeftSchema:
+    """peft=lora: a LoRA adapter trains, the model's own weights stay frozen."""
+
+    method: Annotated[str, Rule(choices=("none", "lora"))]
+    r: Annotated[int, Rule(min=1, max=2**16)]
+    alpha: Annotated[float, Rule(min_exclusive=0.0, max=1e6)]
+    dropout: Annotated[float, Rule(min=0.0, max_exclusive=1.0)]
+    target_modules: list[str] | str | None  # null: peft's default for the model type
+    bias: Annotated[str, Rule(choices=("none", "all", "lora_only"))]
+
+
+@dataclass
 class TrainSchema:
     model: ModelSchema
     data: Any  # picked by data.type, see DATA_SCHEMAS
@@ -146,11 +166,15 @@ class TrainSchema:
     output: OutputSchema
     tracking: TrackingSchema
     sweep: SweepSchema
+    peft: Any  # picked by peft.method, see PEFT_SCHEMAS
     seed: Annotated[int, _SEED]
     resume: str
 
 
 DATA_SCHEMAS: dict[str, type] = {"addition": AdditionDataSchema, "files": FilesDataSchema}
+PEFT_SCHEMAS: dict[str, type] = {"none": NoPeftSchema, "lora": PeftSchema}
+# Groups whose keys depend on one of their values: (that key, its schema for each value).
+_PICKED = {"data": ("type", DATA_SCHEMAS), "peft": ("method", PEFT_SCHEMAS)}
 
 
 def check_types(plain: dict[str, Any]) -> list[str]:
@@ -183,13 +207,14 @@ def _check_node(node: Any, schema: type, prefix: str, problems: list[str]) -> No
         if value == "???":
             problems.append(f"{key}: required, set it on the command line ({key}=...)")
             continue
-        if name == "data" and schema is TrainSchema:
-            kind = value.get("type") if isinstance(value, dict) else None
-            sub = DATA_SCHEMAS.get(kind) if isinstance(kind, str) else None
+        if name in _PICKED and schema is TrainSchema:
+            by, table = _PICKED[name]
+            kind = value.get(by) if isinstance(value, dict) else None
+            sub = table.get(kind) if isinstance(kind, str) else None
             if sub is None:
-                problems.append(f"data.type: {kind!r} is not one of {sorted(DATA_SCHEMAS)}")
+                problems.append(f"{name}.{by}: {kind!r} is not one of {sorted(table)}")
             else:
-                _check_node(value, sub, "data.", problems)
+                _check_node(value, sub, f"{name}.", problems)
             continue
         _check_value(key, value, hints[name], problems)
 
