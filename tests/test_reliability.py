@@ -144,13 +144,15 @@ def test_any_file_content_is_rows_or_one_data_error(tmp_path_factory, content, s
         (line,) = exc.problems
         assert line.startswith("data.train: ") and "\n" not in line
         return
-    assert rows.train and all(
-        isinstance(v, str) for r in rows.train + rows.eval for v in r.values()
-    )
+    every = rows.train + rows.eval
+    assert rows.train and all(isinstance(v, (str, list)) for r in every for v in r.values())
     tokenizer = models.train_tokenizer(rows.texts())
-    prepared = causal_lm.prepare(
-        rows, tokenizer, config.compose(["data=text_files", f"data.train={path}"]).data
-    )
+    data_cfg = config.compose(["data=text_files", f"data.train={path}"]).data
+    if any(isinstance(r.get("text"), list) for r in every):  # lists of words: tagging data
+        with pytest.raises(data.DataError, match="holds a list, not text"):
+            causal_lm.prepare(rows, tokenizer, data_cfg)
+        return
+    prepared = causal_lm.prepare(rows, tokenizer, data_cfg)
     assert len(prepared.train) == len(rows.train)
 
 

@@ -149,7 +149,12 @@ class CheckpointingTrainer(Trainer):
         step = self.state.global_step
         final, partial = root / f"{PREFIX}{step}", partial_dir(root, step)
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        try:
+            partial.mkdir(parents=True)
+        except OSError as exc:
+            raise snapshots.CheckpointWriteFailed(
+                f"writing {final.name} failed: {exc}. Older checkpoints are intact."
+            ) from exc
 
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         adapter = self.snapshot.stage_adapter(unwrapped)  # peft=lora: the adapter alone
@@ -169,15 +174,21 @@ class CheckpointingTrainer(Trainer):
         scheduler = copy.deepcopy(self.lr_scheduler.state_dict())
         self.snapshot.ready()
         # Small and tied to this moment: written now (milliseconds).
-        self._save_rng_state(str(partial))
-        self._save_scaler(str(partial))
         if self.state.best_global_step:
             best = root / f"{PREFIX}{self.state.best_global_step}"
             if best.exists() or self.state.best_global_step == step:
                 self.state.best_model_checkpoint = str(best)
         self._export_callback_state()
-        self.state.save_to_json(str(partial / "trainer_state.json"))
-        (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+        try:
+            self._save_rng_state(str(partial))
+            self._save_scaler(str(partial))
+            self.state.save_to_json(str(partial / "trainer_state.json"))
+            (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+        except OSError as exc:  # a full disk, before the background part even starts
+            shutil.rmtree(partial, ignore_errors=True)
+            raise snapshots.CheckpointWriteFailed(
+                f"writing {final.name} failed: {exc}. Older checkpoints are intact."
+            ) from exc
         epoch, at_step = self.state.epoch, _metrics_at(self.state, step)
 
         def write() -> None:

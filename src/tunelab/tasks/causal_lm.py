@@ -52,7 +52,12 @@ def tokenize(
     eos = [tokenizer.eos_token_id]
     input_ids, labels = [], []
     too_long, longest = 0, 0
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if isinstance(row.get("text"), list):
+            raise DataError(
+                f"data.text_column: {split} row {n} holds a list, not text; a causal LM trains "
+                "on text (lists of words are for model.task=token_classification)"
+            )
         if "completion" in row:
             prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
             answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
