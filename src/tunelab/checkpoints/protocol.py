@@ -67,7 +67,7 @@ def required_for(directory: Path) -> tuple[tuple[str, ...], ...]:
 def missing(directory: Path, required: tuple[tuple[str, ...], ...] | None = None) -> list[str]:
     """The required files `directory` lacks (one name per missing group); `required` defaults
     to what its kind of checkpoint needs (required_for)."""
-    required = required or required_for(directory)
+    required = required_for(directory) if required is None else required
     return [names[0] for names in required if not any((directory / n).is_file() for n in names)]
 
 
