@@ -94,7 +94,7 @@ def run_plain(
 
     cfg = config.compose(overrides)
     rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows.texts())
+    tok = models.load_tokenizer(cfg.model, rows)
     train = causal_lm.tokenize(rows.train, tok, cfg.data.max_length).dataset
     set_seed(cfg.seed)
     model = models.load_model(cfg.model, tok, None, causal_lm, rows)
@@ -210,8 +210,8 @@ def checkpoint_stall(reps: int) -> dict:
     overrides = model_overrides() + ["training.max_steps=2"]
     cfg = config.compose([*overrides, "checkpoint=steps", "checkpoint.every=1000"])
     rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows.texts())
-    train = causal_lm.tokenize(rows.train[:256], tok, cfg.data.max_length).dataset
+    tok = models.load_tokenizer(cfg.model, rows)
+    train = causal_lm.tokenize(rows.train.select(range(256)), tok, cfg.data.max_length).dataset
     results: dict[str, list[float]] = {"plain_trainer_s": [], "tunelab_s": [], "memory_copy_s": []}
     with tempfile.TemporaryDirectory() as tmp:
         tunelab = functools.partial(CheckpointingTrainer, checkpoint=cfg.checkpoint)
@@ -272,7 +272,7 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
 
     cfg = config.compose(model_overrides())
     rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows.texts())
+    tok = models.load_tokenizer(cfg.model, rows)
     model = models.load_model(cfg.model, tok, None, causal_lm, rows)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

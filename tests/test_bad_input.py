@@ -21,7 +21,7 @@ CASES = [
     (["training.lrr=1"], ["training.lrr: unknown key (did you mean training.lr?)"]),
     (["model.arch.n_embdd=3"], ["model.arch.n_embdd: unknown key (did you mean model.arch.n_embd?)"]),
     (["chekpoint=steps"], ["chekpoint: unknown key (did you mean checkpoint?)"]),
-    (["data=text_files", "data.train=x.jsonl", "data.digits=2"], ["data.digits: unknown key; allowed: completion_column, eval, eval_fraction, max_length"]),
+    (["data=text_files", "data.train=x.jsonl", "data.digits=2"], ["data.digits: unknown key; allowed: completion_column, eval, eval_fraction, label_column, max_length"]),
     (["checkpoint=stepz"], ["checkpoint=stepz: no such option (did you mean checkpoint=steps?); options: best, epoch, none, steps"]),
     (["training.lr=[1,"], ["'training.lr=[1,': not a valid override"]),
     (["training.lr=-1", "checkpoint.keep=0"], ["training.lr: -1 must be greater than 0.0", "checkpoint.keep: 0 is below the minimum 1"]),
@@ -118,7 +118,7 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, expected
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(data.DataError) as caught:
-        data.load(_files_cfg(path))
+        data.load(_files_cfg(path), tmp_path / "cache")
     (line,) = caught.value.problems
     assert line.startswith(f"data.train: {path}") and expected in line, line
 
@@ -130,7 +130,7 @@ def test_long_rows_are_counted_and_truncated_or_refused(tmp_path, caplog):
     rows = [{"text": "x" * n} for n in (5, 50, 60, 8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _files_cfg(path, max_length=20, eval_fraction=0)
-    loaded = data.load(cfg)
+    loaded = data.load(cfg, tmp_path / "cache")
     tok = models.train_tokenizer(loaded.texts())
     with caplog.at_level("WARNING", logger="tunelab"):
         out = causal_lm.tokenize(loaded.train, tok, 20)
