@@ -387,6 +387,8 @@ def data_child(mode: str, corpus: str, root: str, lr: str = "3e-3") -> None:
     """One data preparation in this (fresh) process, timed after the imports: `tunelab`
     (data.load + load_tokenizer + the task's prepare, as runner.run calls them) or `by_hand`
     (the same work written directly against `datasets`, `tokenizers` and `transformers`)."""
+    import logging
+
     import datasets  # noqa: F401  imported before the clock starts, in both modes
     import transformers  # noqa: F401
 
@@ -394,6 +396,7 @@ def data_child(mode: str, corpus: str, root: str, lr: str = "3e-3") -> None:
     from tunelab import model as models
     from tunelab.tasks import causal_lm
 
+    logging.getLogger("tunelab").setLevel(logging.ERROR)  # the truncation warnings
     st = DATA_SETTINGS
     began = time.perf_counter()
     if mode == "tunelab":
