@@ -1,11 +1,14 @@
 """tunelab against plain Hugging Face Trainer, side by side, alternating, as ratios.
 
-    python benchmarks/bench.py            # quick: 3 repetitions of 40 steps, ~3 min on 2 cores
-    python benchmarks/bench.py --full     # 6 repetitions of 60 steps, ~8 min
+    python benchmarks/bench.py            # quick: 3 repetitions of 40 steps, ~5 min on 2 cores
+    python benchmarks/bench.py --full     # 6 repetitions of 60 steps, ~20 min
+    python benchmarks/bench.py --only data_preparation [--full]   # one section
 
 Both modes train the 25M GPT-2 of issue 6 (n_embd 512, 8 layers; ~300 MB of weights plus Adam
-state per checkpoint). Machines are noisy: read the ratios (measured in the same run), not the
-absolute times. Writes benchmarks/results/report.json, report.md and step_times.png.
+state per checkpoint), and prepare a generated JSON Lines corpus (30k rows quick; 300k rows,
+~140 MB, full) against the same work done by hand with `datasets`. Machines are noisy: read the
+ratios (measured in the same run), not the absolute times. Writes benchmarks/results/report.json,
+report.md and step_times.png.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def run_plain(
 
     cfg = config.compose(overrides)
     rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows.texts())
+    tok = models.load_tokenizer(cfg.model, rows)
     train = causal_lm.tokenize(rows.train, tok, cfg.data.max_length).dataset
     set_seed(cfg.seed)
     model = models.load_model(cfg.model, tok, None, causal_lm, rows)
@@ -210,8 +213,8 @@ def checkpoint_stall(reps: int) -> dict:
     overrides = model_overrides() + ["training.max_steps=2"]
     cfg = config.compose([*overrides, "checkpoint=steps", "checkpoint.every=1000"])
     rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows.texts())
-    train = causal_lm.tokenize(rows.train[:256], tok, cfg.data.max_length).dataset
+    tok = models.load_tokenizer(cfg.model, rows)
+    train = causal_lm.tokenize(rows.train.select(range(256)), tok, cfg.data.max_length).dataset
     results: dict[str, list[float]] = {"plain_trainer_s": [], "tunelab_s": [], "memory_copy_s": []}
     with tempfile.TemporaryDirectory() as tmp:
         tunelab = functools.partial(CheckpointingTrainer, checkpoint=cfg.checkpoint)
@@ -272,7 +275,7 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
 
     cfg = config.compose(model_overrides())
     rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows.texts())
+    tok = models.load_tokenizer(cfg.model, rows)
     model = models.load_model(cfg.model, tok, None, causal_lm, rows)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -361,30 +364,223 @@ def cli_latency(reps: int) -> dict:
     return out
 
 
+def write_corpus(path: Path, rows: int, seed: int = 0) -> None:
+    """`rows` JSON Lines rows of ~450 bytes of text: words of 2 to 9 letters from an 8000-word
+    vocabulary, Zipf-distributed, 46 to 92 a row (300k rows: ~140 MB)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(8000)]
+    cum = list(itertools.accumulate(1 / (i + 1) for i in range(len(vocab))))
+    with open(path, "w") as f:
+        for _ in range(rows):
+            words = rng.choices(vocab, cum_weights=cum, k=rng.randint(46, 92))
+            f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
+
+
+DATA_SETTINGS = {"vocab_size": 2000, "max_length": 128, "eval_fraction": 0.05, "seed": 1234}
+
+
+def data_child(mode: str, corpus: str, root: str, lr: str = "3e-3") -> None:
+    """One data preparation in this (fresh) process, timed after the imports: `tunelab`
+    (data.load + load_tokenizer + the task's prepare, as runner.run calls them) or `by_hand`
+    (the same work written directly against `datasets`, `tokenizers` and `transformers`)."""
+    import logging
+
+    import datasets  # noqa: F401  imported before the clock starts, in both modes
+    import transformers  # noqa: F401
+
+    from tunelab import config, data
+    from tunelab import model as models
+    from tunelab.tasks import causal_lm
+
+    logging.getLogger("tunelab").setLevel(logging.ERROR)  # the truncation warnings
+    st = DATA_SETTINGS
+    began = time.perf_counter()
+    if mode == "tunelab":
+        cfg = config.compose(
+            [f"output.root={root}", "data=text_files", f"data.train={corpus}",
+             f"model.tokenizer_vocab_size={st['vocab_size']}",
+             f"model.arch.n_positions={st['max_length']}", f"training.lr={lr}"]
+        )  # fmt: skip
+        rows = data.load(cfg.data, Path(root) / ".cache" / "datasets", cfg.training.num_workers)
+        tokenizer = models.load_tokenizer(cfg.model, rows)
+        prepared = causal_lm.prepare(rows, tokenizer, cfg.data)
+        n = len(prepared.train) + len(prepared.eval)
+    else:
+        n = by_hand(corpus, root)
+    print(json.dumps({"seconds": time.perf_counter() - began, "rows": n}))
+
+
+def by_hand(corpus: str, root: str) -> int:
+    """The recipe a careful user writes: load_dataset("json"), a held-out split, a byte-level BPE
+    trained from batches of the training column, then a batched map of the tokenizer (with the
+    processes tunelab would use, each on one thread)."""
+    import datasets
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab import data
+
+    datasets.disable_progress_bars()
+    st = DATA_SETTINGS
+    raw = datasets.load_dataset("json", data_files=corpus, split="train", cache_dir=root)
+    splits = raw.train_test_split(test_size=st["eval_fraction"], seed=st["seed"])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=st["vocab_size"], special_tokens=["<|endoftext|>", "<pad>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    train = splits["train"]
+
+    def batches() -> Any:
+        for i in range(0, len(train), 1000):
+            yield train[i : i + 1000]["text"]
+
+    tok.train_from_iterator(batches(), trainer=trainer, length=len(train))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    procs = data.processes(data.Rows(None, None, "", False, ""), len(raw))
+    if procs > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as tunelab does in its workers
+    tokenized = splits.map(
+        lambda batch: fast(batch["text"], truncation=True, max_length=st["max_length"]),
+        batched=True,
+        num_proc=procs if procs > 1 else None,
+        remove_columns=["text"],
+    )
+    return sum(len(s) for s in tokenized.values())
+
+
+def _measure(args: list[str]) -> dict[str, float]:
+    """Run `bench.py --data-child ARGS` in a fresh process: its time, and the peak memory of it
+    and its worker processes, sampled every 50 ms, as resident memory (RSS, summed over the
+    processes) and proportional (PSS: pages shared by forked workers counted once)."""
+    import subprocess
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--data-child", *args], stdout=subprocess.PIPE, text=True
+    )
+    parent = psutil.Process(proc.pid)
+    peak_rss = peak_pss = 0
+    while proc.poll() is None:
+        rss = pss = 0
+        try:
+            for p in [parent, *parent.children(recursive=True)]:
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+        except psutil.Error:
+            pass  # a worker ended while being read
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.05)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"data preparation {args[0]} failed ({proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"s": result["seconds"], "rss_mb": peak_rss / 2**20, "pss_mb": peak_pss / 2**20}
+
+
+def data_preparation(rows: int, reps: int) -> dict:
+    """Preparing a generated JSON Lines corpus for training (read, hold out 5% for eval, train a
+    2000-token BPE, tokenize to 128 tokens): tunelab against the same work by hand, each in a
+    fresh process with an empty cache, in alternating order; then tunelab again in the same
+    output root with another learning rate (a sweep's second job), which must reuse the cache.
+    Ratios are paired within a repetition, then the median."""
+    med = statistics.median
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        write_corpus(corpus, rows)
+        size_mb = corpus.stat().st_size / 2**20
+        runs: dict[str, list[dict[str, float]]] = {"by_hand": [], "first": [], "second": []}
+        for rep in range(reps):
+            for name in ("by_hand", "tunelab") if rep % 2 == 0 else ("tunelab", "by_hand"):
+                root = Path(tmp) / f"{name}-{rep}"
+                if name == "by_hand":
+                    runs["by_hand"].append(_measure(["by_hand", str(corpus), str(root)]))
+                else:
+                    runs["first"].append(_measure(["tunelab", str(corpus), str(root), "3e-3"]))
+                    runs["second"].append(_measure(["tunelab", str(corpus), str(root), "1e-3"]))
+            print(f"  rep {rep + 1}/{reps}: " + "  ".join(
+                f"{n} {v[-1]['s']:.1f} s {v[-1]['rss_mb']:.0f} MB" for n, v in runs.items()
+            ), flush=True)  # fmt: skip
+
+    def ratio(a: str, b: str, what: str) -> float:
+        return med([x[what] / y[what] for x, y in zip(runs[a], runs[b], strict=True)])
+
+    return {
+        "rows": rows,
+        "corpus_mb": size_mb,
+        "by_hand_s": med(r["s"] for r in runs["by_hand"]),
+        "tunelab_s": med(r["s"] for r in runs["first"]),
+        "tunelab_cached_s": med(r["s"] for r in runs["second"]),
+        "by_hand_peak_rss_mb": med(r["rss_mb"] for r in runs["by_hand"]),
+        "tunelab_peak_rss_mb": med(r["rss_mb"] for r in runs["first"]),
+        "by_hand_peak_pss_mb": med(r["pss_mb"] for r in runs["by_hand"]),
+        "tunelab_peak_pss_mb": med(r["pss_mb"] for r in runs["first"]),
+        "ratio_time_tunelab_vs_by_hand": ratio("first", "by_hand", "s"),
+        "ratio_rss_tunelab_vs_by_hand": ratio("first", "by_hand", "rss_mb"),
+        "ratio_pss_tunelab_vs_by_hand": ratio("first", "by_hand", "pss_mb"),
+        "ratio_time_cached_vs_first": ratio("second", "first", "s"),
+        "targets": {
+            "ratio_time_tunelab_vs_by_hand": "<= 1.0",
+            "ratio_rss_tunelab_vs_by_hand": "<= 1.5",
+            "ratio_time_cached_vs_first": "< 0.1",
+        },
+    }
+
+
+SECTIONS = ("cli_latency", "throughput", "checkpoint_stall", "tracking_and_artifacts",
+            "data_preparation")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="more repetitions and steps")
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--data-child", nargs="+", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.data_child:
+        data_child(*opts.data_child)
+        return
+    only = set(opts.only.split(",")) if opts.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        parser.error(f"--only: unknown sections {', '.join(sorted(only - set(SECTIONS)))}")
     reps = opts.reps or (6 if opts.full else 3)
     steps = 60 if opts.full else 40
     mode = "full" if opts.full else "quick"
     print(f"tunelab benchmarks ({mode}: 25M GPT-2, {reps} reps, {steps} steps)", flush=True)
     report: dict[str, Any] = {"mode": mode, "reps": reps, "steps": steps}
-    print("CLI latency ...", flush=True)
-    report["cli_latency"] = cli_latency(reps=3)
-    print("throughput: plain Trainer vs tunelab (tracking + a checkpoint every 10 steps) ...")
-    report["throughput"] = throughput(reps, steps)
-    print("checkpoint stall: plain Trainer vs tunelab vs an in-memory copy ...", flush=True)
-    report["checkpoint_stall"] = checkpoint_stall(reps=3)
-    print("tracking overhead, artifact logging and loading ...", flush=True)
-    step_s = 1 / report["throughput"]["plain_steps_per_s"]
-    report["tracking_and_artifacts"] = tracking_and_artifacts(reps=3, step_s=step_s)
+    if "cli_latency" in only:
+        print("CLI latency ...", flush=True)
+        report["cli_latency"] = cli_latency(reps=3)
+    if "throughput" in only:
+        print("throughput: plain Trainer vs tunelab (tracking + a checkpoint every 10 steps) ...")
+        report["throughput"] = throughput(reps, steps)
+    if "checkpoint_stall" in only:
+        print("checkpoint stall: plain Trainer vs tunelab vs an in-memory copy ...", flush=True)
+        report["checkpoint_stall"] = checkpoint_stall(reps=3)
+    if "tracking_and_artifacts" in only:
+        print("tracking overhead, artifact logging and loading ...", flush=True)
+        plain = report.get("throughput", {}).get("plain_steps_per_s")
+        step_s = 1 / plain if plain else 0.1
+        report["tracking_and_artifacts"] = tracking_and_artifacts(reps=3, step_s=step_s)
+    if "data_preparation" in only:
+        rows = 300_000 if opts.full else 30_000
+        print(f"data preparation: {rows} rows, tunelab vs by hand with datasets ...", flush=True)
+        report["data_preparation"] = data_preparation(rows, reps=2)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["| measure | value | target | met |", "| --- | --- | --- | --- |"]
     missed = []
-    for section in ("cli_latency", "throughput", "checkpoint_stall", "tracking_and_artifacts"):
+    for section in (name for name in SECTIONS if name in report):
         targets = report[section].get("targets", {})
         for key, value in report[section].items():
             if key == "targets":

@@ -118,7 +118,7 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, expected
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(data.DataError) as caught:
-        data.load(_files_cfg(path))
+        data.load(_files_cfg(path), tmp_path / "cache")
     (line,) = caught.value.problems
     assert line.startswith(f"data.train: {path}") and expected in line, line
 
@@ -130,7 +130,7 @@ def test_long_rows_are_counted_and_truncated_or_refused(tmp_path, caplog):
     rows = [{"text": "x" * n} for n in (5, 50, 60, 8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _files_cfg(path, max_length=20, eval_fraction=0)
-    loaded = data.load(cfg)
+    loaded = data.load(cfg, tmp_path / "cache")
     tok = models.train_tokenizer(loaded.texts())
     with caplog.at_level("WARNING", logger="tunelab"):
         out = causal_lm.tokenize(loaded.train, tok, 20)

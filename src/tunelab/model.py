@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,9 +40,10 @@ def fetch(name_or_path: str | None, uri: str | None, output_root: Path) -> str |
         raise ConfigError([f"model.name_or_path: {exc}"]) from None
 
 
-def load_tokenizer(cfg: Any, texts: list[str], source: str | None = None) -> Any:
+def load_tokenizer(cfg: Any, rows: Any, source: str | None = None) -> Any:
     """The pretrained tokenizer at `source` (default `cfg.name_or_path`), or a byte-level BPE
-    trained on `texts` when there is none."""
+    trained on the training texts of `rows` (tunelab.data.Rows) when there is none: trained once
+    per data digest and vocab size, then read from the data cache."""
     source = source or cfg.name_or_path
     if source:
         from transformers import AutoTokenizer
@@ -53,13 +55,44 @@ def load_tokenizer(cfg: Any, texts: list[str], source: str | None = None) -> Any
         if tok.pad_token is None:  # most causal LMs ship without one; padding is masked anyway
             tok.pad_token = tok.eos_token
         return tok
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab import data
+
     max_length = (cfg.arch or {}).get("n_positions")
-    return train_tokenizer(texts, cfg.tokenizer_vocab_size, max_length)
+    key = {"data": rows.digest, "vocab_size": cfg.tokenizer_vocab_size, "max_length": max_length}
+    with data.cached(rows, "tokenizers", **key, version=TOKENIZER_VERSION) as entry:
+        if not entry.hit:
+            tok = train_tokenizer(rows.texts(), cfg.tokenizer_vocab_size, max_length)
+            tok.save_pretrained(entry.building)
+    # Read back from disk even when just trained: a cache hit then gives the very same tokenizer.
+    return PreTrainedTokenizerFast.from_pretrained(entry.path)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 0, max_length: int | None = None) -> Any:
-    """Byte-level BPE on `texts`. Every byte is in the alphabet, so no input is ever unknown;
-    vocab_size 0 keeps bytes only (no merges), which keeps digits separate for arithmetic."""
+# Bump when train_tokenizer changes what it makes: older cached tokenizers are then unused.
+TOKENIZER_VERSION = 1
+
+# The from-scratch tokenizer's chat template, so `messages` rows can train a model from
+# scratch: each turn is `<|role|>` and a newline, its content, then the end-of-text token; the
+# assistant's content and end token are marked for `return_assistant_tokens_mask`.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(
+    texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 0, max_length: int | None = None
+) -> Any:
+    """Byte-level BPE on `texts` (strings, or batches of strings: an iterator is read once,
+    never held). Every byte is in the alphabet, so no input is ever unknown; vocab_size 0 keeps
+    bytes only (no merges), which keeps digits separate for arithmetic. It carries
+    CHAT_TEMPLATE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,7 +109,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 0, max_length: int | Non
     )
     tok.train_from_iterator(texts, trainer=trainer)
     extra = {"model_max_length": max_length} if max_length else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, **extra)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, chat_template=CHAT_TEMPLATE, **SPECIALS, **extra
+    )
 
 
 def load_model(cfg: Any, tokenizer: Any, source: str | None, task: ModuleType, rows: Any) -> Any:

@@ -59,9 +59,10 @@ def _run(
     resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
 
     # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
-    rows = data.load(cfg.data)
+    cache = Path(cfg.output.root) / ".cache" / "datasets"  # shared by resumes and sweep jobs
+    rows = data.load(cfg.data, cache, workers=cfg.training.num_workers)
     source = models.fetch(cfg.model.name_or_path, cfg.tracking.uri, Path(cfg.output.root))
-    tokenizer = models.load_tokenizer(cfg.model, rows.texts(), source)
+    tokenizer = models.load_tokenizer(cfg.model, rows, source)
     task = tasks.get(cfg.model.task)
     prepared = task.prepare(rows, tokenizer, cfg.data)
     log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)

@@ -96,9 +96,9 @@ def _check_combinations(c: dict[str, Any], problems: list[str]) -> None:
         problems.extend(_model_source_problems(model))
     if data["type"] == "files":
         for key in ("train", "eval"):
-            path = data[key]
-            if path and path != "???":
-                problems.extend(_data_file_problems(f"data.{key}", Path(path).expanduser()))
+            spec = data[key]
+            if spec and spec != "???":
+                problems.extend(_data_file_problems(f"data.{key}", spec))
     problems.extend(_writable_problems("output.root", c["output"]["root"]))
 
 
@@ -114,13 +114,12 @@ def _resume_problems(resume: str) -> list[str]:
     return []
 
 
-def _data_file_problems(key: str, path: Path) -> list[str]:
-    if path.is_file():
-        return []
-    if not path.exists():
-        return [f"{key}: {path} does not exist (a .jsonl, .json or .txt file)"]
-    what = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
-    return [f"{key}: {path} is {what}; give a .jsonl, .json or .txt file"]
+def _data_file_problems(key: str, spec: str | list[str]) -> list[str]:
+    """Files that do not exist, a glob matching nothing, an unknown format, a directory not
+    written by save_to_disk, a hub id while offline (tunelab.data.resolve, nothing read)."""
+    from tunelab import data  # light at import; here to keep config free of a cycle
+
+    return data.spec_problems(key, spec)
 
 
 # Pairs of (width, heads) keys that must divide, in the config spellings transformers uses.

@@ -76,12 +76,13 @@ class AdditionDataSchema:
 @dataclass
 class FilesDataSchema:
     type: Annotated[str, Rule(choices=("addition", "files"))]
-    train: str
-    eval: str | None
+    train: str | list[str]
+    eval: str | list[str] | None
     eval_fraction: Annotated[float, Rule(min=0.0, max=0.9)]
     text_column: str
     prompt_column: str
     completion_column: str
+    messages_column: str
     label_column: str
     seed: Annotated[int, _SEED]
     max_length: Annotated[int, Rule(min=2, max=2**20)]
@@ -246,8 +247,12 @@ def _is_type(value: Any, t: Any) -> bool:
     if t is int:
         return isinstance(value, int) and not isinstance(value, bool)
     origin = get_origin(t) or t
+    if origin is list and get_args(t):  # list[str]: every item too
+        return isinstance(value, list) and all(_is_type(v, get_args(t)[0]) for v in value)
     return isinstance(value, origin)
 
 
 def _type_name(t: Any) -> str:
+    if get_origin(t) is list and get_args(t):
+        return f"a list of {_type_name(get_args(t)[0])}"
     return "null" if t is type(None) else getattr(t, "__name__", str(t))

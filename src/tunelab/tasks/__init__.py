@@ -30,7 +30,18 @@ class Prepared:
 
     @property
     def train_tokens(self) -> int:
-        return sum(len(ids) for ids in self.train["input_ids"])
+        """Tokens in the training split: from its `length` column where it has one, else
+        from input_ids, a batch at a time (never every id in a Python list)."""
+        import pyarrow.compute as pc
+
+        if "length" in self.train.column_names:
+            lengths = self.train.select_columns(["length"]).with_format("arrow")[:]["length"]
+            return int(pc.sum(lengths).as_py() or 0)
+        ids = self.train.select_columns(["input_ids"]).with_format("arrow")
+        return sum(
+            int(pc.sum(pc.list_value_length(batch["input_ids"])).as_py() or 0)
+            for batch in ids.iter(batch_size=10_000)
+        )
 
 
 def count_cut(encoded: Any, split: str, cfg: Any) -> int:

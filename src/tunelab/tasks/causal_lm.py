@@ -1,18 +1,29 @@
-"""Causal language modelling: next-token prediction, loss on the completion only for
-prompt/completion rows (exact match reported), on every token for text rows."""
+"""Causal language modelling: next-token prediction. Loss on the completion only for
+prompt/completion rows (exact match reported), on the assistant turns only for conversations
+(`messages`, rendered with the tokenizer's chat template), on every token for text rows."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from tunelab import data
 from tunelab.data import DataError, Rows
 from tunelab.metrics import IGNORE
 from tunelab.tasks import Prepared
 
 AUTO_CLASS = "AutoModelForCausalLM"
 PIPELINE = "text-generation"
+# Bump when the tokenized columns change: older cache entries are then unused.
+VERSION = 1
+
+log = logging.getLogger("tunelab")
 
 
 def model_kwargs(rows: Rows) -> dict[str, Any]:
@@ -21,67 +32,333 @@ def model_kwargs(rows: Rows) -> dict[str, Any]:
 
 @dataclass
 class Tokenized:
-    """A split as a `datasets.Dataset` of input_ids/labels, and how many rows were cut."""
+    """A split as a `datasets.Dataset` of input_ids/labels/length, and how many rows were cut
+    (and the longest row's length before the cut)."""
 
     dataset: Any
     truncated_rows: int = 0
+    longest: int = 0
 
 
 def prepare(rows: Rows, tokenizer: Any, cfg: Any) -> Prepared:
-    """Both splits of `rows` tokenized for `cfg.data` (max_length, truncate)."""
-    train = tokenize(rows.train, tokenizer, cfg.max_length, cfg.truncate)
-    evaluation = (
-        tokenize(rows.eval, tokenizer, cfg.max_length, cfg.truncate, "eval") if rows.eval else None
-    )
-    truncated = train.truncated_rows + (evaluation.truncated_rows if evaluation else 0)
-    return Prepared(train.dataset, evaluation.dataset if evaluation else None, truncated)
+    """Both splits of `rows` tokenized for `cfg.data` (max_length, truncate), from the cache
+    under `rows.cache_dir` when the same data, tokenizer and settings were prepared before."""
+    if rows.has_messages:
+        require_chat_template(tokenizer)
+    for split in (rows.train, rows.eval):
+        if data.TEXT in split.column_names and _is_list(split.features[data.TEXT]):
+            raise DataError(
+                f"data.text_column: {data.TEXT!r} holds lists of words (token classification "
+                "data); causal_lm trains on strings: set model.task=token_classification, or "
+                "give text"
+            )
+    splits = {name: getattr(rows, name) for name in ("train", "eval") if len(getattr(rows, name))}
+    key = {
+        "data": rows.digest,
+        "tokenizer": data.tokenizer_digest(tokenizer),
+        "max_length": cfg.max_length,
+        "truncate": cfg.truncate,
+        "task": "causal_lm",
+        "version": VERSION,
+    }
+    with data.cached(rows, "tokenized", **key) as entry:
+        for name, split in splits.items():
+            if entry.hit:
+                seen = entry.meta[name]
+                report(name, seen["rows"], seen["truncated"], seen["longest"], cfg.max_length)
+                continue
+            out = tokenize(
+                split,
+                tokenizer,
+                cfg.max_length,
+                cfg.truncate,
+                name,
+                cache_file=entry.building / f"{name}.arrow",
+                num_proc=data.processes(rows, len(split)),
+            )
+            entry.meta[name] = {
+                "files": [Path(f["filename"]).name for f in out.dataset.cache_files],
+                "rows": len(split),
+                "truncated": out.truncated_rows,
+                "longest": out.longest,
+            }
+    opened = {name: _open(entry.path, entry.meta[name]["files"]) for name in splits}
+    truncated = sum(entry.meta[name]["truncated"] for name in splits)
+    return Prepared(opened["train"], opened.get("eval"), truncated)
+
+
+def _is_list(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, (datasets.List, datasets.LargeList, list))
+
+
+def _open(path: Path, files: list[str]) -> Any:
+    import datasets
+
+    parts = [datasets.Dataset.from_file(str(path / f)) for f in files]
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return dataset.remove_columns(["full_length"])
+
+
+def require_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise DataError(
+            f"data: the rows hold conversations ('messages'), but the tokenizer of {name} has "
+            "no chat template to render them; use a model whose tokenizer has one (the "
+            "from-scratch tokenizer does), or prompt/completion rows"
+        )
 
 
 def tokenize(
-    rows: list[dict[str, str]],
+    dataset: Any,
     tokenizer: Any,
     max_length: int,
     truncate: bool = True,
     split: str = "train",
+    cache_file: Path | None = None,
+    num_proc: int = 1,
 ) -> Tokenized:
-    """A `datasets.Dataset` of input_ids/labels; loss only on completions where there are any.
-    Rows longer than `max_length` tokens are cut (counted, with a warning) or, with
-    `truncate=False`, refused."""
+    """`dataset` (rows with canonical columns) as input_ids/labels/length, by a batched map;
+    loss only on completions and assistant turns where there are any. Rows longer than
+    `max_length` tokens are cut (counted, with a warning) or, with `truncate=False`, refused.
+    Written to `cache_file` (with `num_proc` > 1, one file per process), else kept in memory."""
     import datasets
+    import pyarrow.compute as pc
 
-    eos = [tokenizer.eos_token_id]
-    input_ids, labels = [], []
-    too_long, longest = 0, 0
-    for n, row in enumerate(rows, 1):
-        if isinstance(row.get("text"), list):
-            raise DataError(
-                f"data.text_column: {split} row {n} holds a list, not text; a causal LM trains "
-                "on text (lists of words are for model.task=token_classification)"
-            )
-        if "completion" in row:
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
-            ids, lab = prompt + answer, [IGNORE] * len(prompt) + answer
-        else:
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
-            lab = list(ids)
-        if len(ids) > max_length:
-            too_long, longest = too_long + 1, max(longest, len(ids))
-        input_ids.append(ids[:max_length])
-        labels.append(lab[:max_length])
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "full_length": datasets.Value("int32"),
+        }
+    )
+    where = {"cache_file_name": str(cache_file)} if cache_file else {"keep_in_memory": True}
+    with data.quiet_datasets(), _single_threaded_tokenizer(num_proc > 1):
+        out = dataset.with_format("arrow").map(
+            _Encoder(tokenizer, max_length),
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=dataset.column_names,
+            features=features,
+            load_from_cache_file=False,
+            new_fingerprint=data.fingerprint(
+                dataset._fingerprint, data.tokenizer_digest(tokenizer), max_length, split
+            ),
+            **where,
+        )
+    out = out.with_format(None)
+    full = out.data.column("full_length")
+    too_long = int(pc.sum(pc.greater(full, max_length)).as_py() or 0)
+    longest = int(pc.max(full).as_py() or 0)
+    report(split, len(dataset), too_long, longest, max_length, truncate)
+    if cache_file is None:
+        out = out.remove_columns(["full_length"])
+    return Tokenized(out, too_long, longest)
+
+
+def report(
+    split: str, rows: int, too_long: int, longest: int, max_length: int, truncate: bool = True
+) -> None:
+    """Warn about rows cut at `max_length`, or refuse them without `truncate`."""
     if too_long and not truncate:
         raise DataError(
-            f"data.max_length: {too_long} of {len(rows)} {split} rows are longer than "
+            f"data.max_length: {too_long} of {rows} {split} rows are longer than "
             f"{max_length} tokens (the longest: {longest}); raise data.max_length or set "
             "data.truncate=true to cut them"
         )
     if too_long:
-        logging.getLogger("tunelab").warning(
+        log.warning(
             "%d of %d %s rows were longer than data.max_length=%d tokens and were truncated "
-            "(the longest: %d)", too_long, len(rows), split, max_length, longest
+            "(the longest: %d)", too_long, rows, split, max_length, longest
         )  # fmt: skip
-    dataset = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
-    return Tokenized(dataset, too_long)
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizer(forking: bool) -> Iterator[None]:
+    """Worker processes each tokenize on one thread (and tokenizers warns of nothing)."""
+    if not forking:
+        yield
+        return
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+class _Encoder:
+    """The batched map: an Arrow batch of rows in, an Arrow batch of token ids out. Ids are
+    assembled and cut with numpy, not per token in Python."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.eos = tokenizer.eos_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a copy without the padding or truncation tokenizer.json may set
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        self.backend = backend
+
+    def __call__(self, batch: Any) -> Any:
+        import numpy as np
+        import pyarrow as pa
+
+        n = batch.num_rows
+        pc_rows, msg_rows, text_rows = data.row_kinds(batch)
+        segments: list[_Segment] = []
+        if pc_rows.any():
+            idx = np.flatnonzero(pc_rows)
+            segments.append(self._segment(n, idx, batch.column(data.PROMPT), labelled=False))
+            segments.append(self._segment(n, idx, batch.column(data.COMPLETION)))
+        if text_rows.any():
+            segments.append(self._segment(n, np.flatnonzero(text_rows), batch.column(data.TEXT)))
+        if msg_rows.any():
+            segments.append(self._conversations(n, np.flatnonzero(msg_rows), batch))
+        ends = (pc_rows | text_rows).astype(np.int64)  # conversations end as the template says
+        eos = np.full(int(ends.sum()), self.eos, np.int32)
+        segments.append(_Segment(eos, eos, ends))
+
+        ids, labels, full = _concatenate(segments, n)
+        kept = np.minimum(full, self.max_length)
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(full, out=starts[1:])
+        position = np.arange(int(starts[-1])) - np.repeat(starts[:-1], full)
+        keep = position < self.max_length
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(kept, out=offsets[1:])
+        return pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[keep])),
+                "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels[keep])),
+                "length": pa.array(kept.astype(np.int32)),
+                "full_length": pa.array(full.astype(np.int32)),
+            }
+        )
+
+    def _encode(self, texts: list[str]) -> tuple[Any, Any]:
+        """Token ids of `texts`, no special tokens added: flat int32 ids and per-text lengths."""
+        import numpy as np
+
+        if self.backend is not None:
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
+        return flat, lengths
+
+    def _segment(self, n: int, idx: Any, column: Any, labelled: bool = True) -> _Segment:
+        import numpy as np
+
+        flat, lengths = self._encode(column.take(idx).to_pylist())
+        per_row = np.zeros(n, np.int64)
+        per_row[idx] = lengths
+        labels = flat if labelled else np.full(len(flat), IGNORE, np.int32)
+        return _Segment(flat, labels, per_row)
+
+    def _conversations(self, n: int, idx: Any, batch: Any) -> _Segment:
+        import numpy as np
+
+        conversations = batch.column(data.MESSAGES).take(idx).to_pylist()
+        ids, labels, per_row = [], [], np.zeros(n, np.int64)
+        for i, turns in zip(idx, conversations, strict=True):
+            row_ids, row_labels = self.conversation(turns)
+            ids.append(row_ids)
+            labels.append(row_labels)
+            per_row[i] = len(row_ids)
+        return _Segment(
+            np.concatenate(ids).astype(np.int32), np.concatenate(labels).astype(np.int32), per_row
+        )
+
+    def conversation(self, turns: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """Token ids of one conversation rendered with the chat template, and its labels: the
+        ids of the assistant turns (as the template renders them, end-of-turn included), -100
+        elsewhere. Each assistant turn's characters are found by rendering the conversation up
+        to it (with the generation prompt) and through it."""
+        import numpy as np
+
+        turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+        full = self._render(turns, False)
+        spans = []
+        for i, turn in enumerate(turns):
+            if turn["role"] != "assistant":
+                continue
+            before, through = self._render(turns[:i], True), self._render(turns[: i + 1], False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise DataError(
+                    "data: the chat template does not render a conversation's turns as "
+                    "prefixes of the whole (it rewrites earlier turns), so the assistant turns "
+                    "cannot be found; use prompt/completion rows with this model"
+                )
+            spans.append((len(before), len(through)))
+        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(encoded["input_ids"], np.int64)
+        starts = np.asarray([s for s, _ in encoded["offset_mapping"]], np.int64)
+        assistant = np.zeros(len(ids), bool)
+        for a, b in spans:
+            assistant |= (starts >= a) & (starts < b)
+        return ids, np.where(assistant, ids, IGNORE)
+
+    def _render(self, turns: list[dict[str, Any]], generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
+        if not turns and not generation_prompt:
+            return ""
+        try:
+            text = self.tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as exc:
+            raise DataError(
+                f"data: the chat template cannot render a conversation: {exc}"
+            ) from None
+        return str(text)
+
+
+@dataclass
+class _Segment:
+    """One piece of each row (a prompt, a completion, an end token): flat ids and labels, and
+    how many of them each row has (0 for rows without this piece)."""
+
+    ids: Any
+    labels: Any
+    per_row: Any
+
+
+def _concatenate(segments: list[_Segment], n: int) -> tuple[Any, Any, Any]:
+    """Each row's pieces one after another: flat ids, flat labels and each row's length."""
+    import numpy as np
+
+    lengths = np.stack([s.per_row for s in segments])  # segment x row
+    full = lengths.sum(axis=0)
+    row_start = np.zeros(n + 1, np.int64)
+    np.cumsum(full, out=row_start[1:])
+    before = np.cumsum(lengths, axis=0) - lengths  # where each piece starts within its row
+    ids = np.empty(int(row_start[-1]), np.int32)
+    labels = np.empty_like(ids)
+    for j, segment in enumerate(segments):
+        count = segment.per_row
+        total = int(count.sum())
+        if not total:
+            continue
+        piece_start = np.cumsum(count) - count  # in the segment's flat ids
+        within = np.arange(total) - np.repeat(piece_start, count)
+        destination = np.repeat(row_start[:-1] + before[j], count) + within
+        ids[destination] = segment.ids
+        labels[destination] = segment.labels
+    return ids, labels, full
 
 
 def collator(tokenizer: Any) -> Any:
