@@ -447,7 +447,8 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_
     (run_dir,) = (small_disk / "tunelab").iterdir()
     root = run_dir / "checkpoints"
     kept = checkpoints.committed(root)
-    assert len(kept) == 2
+    # The data cache (under output.root) shares the 1 MiB disk: one or two checkpoints fit.
+    assert 1 <= len(kept) <= 2
     assert all(artifacts.verify_manifest(p) == [] for p in kept)
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # partial removed
     assert not (run_dir / "model").exists()

@@ -114,7 +114,8 @@ class CheckpointingTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 commit(path, step, self.state.epoch, _metrics_at(self.state, step))
-        except (OSError, SafetensorError, IncompleteCheckpoint) as exc:  # disk full, permissions
+        # A full disk, permissions; torch.save reports a failed write as a RuntimeError.
+        except (OSError, RuntimeError, SafetensorError, IncompleteCheckpoint) as exc:
             if self.args.should_save and not (path / "manifest.json").exists():
                 shutil.rmtree(path, ignore_errors=True)  # frees the space it took
             raise snapshots.CheckpointWriteFailed(

@@ -8,6 +8,7 @@ numbers with a fractional part make a regression (`num_labels=1`, mean squared e
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -61,7 +62,11 @@ def _label_values(split: Any) -> list[Any]:
             f"data.label_column: the rows have no label column; they have "
             f"{', '.join(column.column_names)}: set data.label_column"
         )
-    return [v for v in column.unique("label") if v is not None]
+    try:
+        found = column.unique("label")
+    except Exception:  # a column of mixed kinds (Arrow keeps it as JSON): read it in Python
+        found = list({json.dumps(v, sort_keys=True): v for v in column["label"]}.values())
+    return [v for v in found if v is not None]
 
 
 def model_kwargs(rows: Any) -> dict[str, Any]:
@@ -89,9 +94,7 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
             continue
         column = dataset(split)
         if names:
-            unknown = sorted(
-                str(v) for v in {_norm(v) for v in column.unique("label")} - set(names)
-            )
+            unknown = sorted(str(v) for v in {_norm(v) for v in _label_values(column)} - set(names))
             if unknown:
                 raise DataError(
                     f"data.{split_name}: labels {', '.join(unknown[:5])} are not among the "
