@@ -34,6 +34,11 @@ TINY = [
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
+    # Child processes run in temporary directories: put this checkout's sources first, by
+    # absolute path, so they run the code under test (not whatever the venv's install points at).
+    e["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "src"), *filter(None, e.get("PYTHONPATH", "").split(os.pathsep))]
+    )
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     # Tiny runs last seconds: sample system metrics every second so they show up.
     e.update(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
