@@ -29,7 +29,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Offline (no hub lookups), system metrics sampled often enough to show up in a tiny run, and
+# Offline (no hub lookups), system metrics sampled often enough to show up in a short run, and
 # one compute thread: the tiny models gain nothing from a second one, and on a machine whose
 # cores are busy with other work, torch's threads waiting for each other at every small op make
 # a run 10x slower. Set for this process too, before anything imports torch, huggingface_hub or
@@ -38,7 +38,7 @@ TEST_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
-    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.25",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
@@ -79,8 +79,6 @@ def tiny(*overrides: str) -> list[str]:
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
     e.update(TEST_ENV)
-    # Processes (sweep workers among them) write system metrics to the store less often.
-    e["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     e.pop("MLFLOW_TRACKING_URI", None)
     # Child processes run in temporary directories: put this checkout's sources first, by
     # absolute path, so they run the code under test (not whatever the venv's install points at).
@@ -283,10 +281,17 @@ def _restored_process_state(cwd: Path) -> Iterator[None]:
     assert not leaked, f"the run left its {leaked} handlers installed"
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, light: bool = False) -> Result:
-    """`tunelab ARGS` in this process, in `cwd`. An exception escaping `main` counts as exit
-    status 1 with its traceback on stderr, as in a process. `light`: the command is expected to
-    stop before importing torch, transformers or mlflow (config errors)."""
+def run_cli(
+    *args: str,
+    cwd: Path,
+    check: bool = True,
+    light: bool = False,
+    environ: dict[str, str] | None = None,
+) -> Result:
+    """`tunelab ARGS` in this process, in `cwd`, with `environ` added to the environment for the
+    call. An exception escaping `main` counts as exit status 1 with its traceback on stderr, as
+    in a process. `light`: the command is expected to stop before importing torch, transformers
+    or mlflow (config errors)."""
     from tunelab import cli
 
     if not light:
@@ -295,6 +300,7 @@ def run_cli(*args: str, cwd: Path, check: bool = True, light: bool = False) -> R
     code: int | str | None = 0
     captured = (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err))
     with _restored_process_state(cwd), captured[0], captured[1]:
+        os.environ.update(environ or {})
         try:
             cli.main(list(args))
         except SystemExit as exc:
@@ -366,9 +372,10 @@ class Workspace:
     def base(self) -> list[str]:
         return [f"output.root={self.root / 'outputs'}", f"tracking.uri={self.uri}"]
 
-    def train(self, *overrides: str, check: bool = True) -> Result:
+    def train(self, *overrides: str, check: bool = True, environ: dict | None = None) -> Result:
         """`tunelab train` of the tiny model, in this process."""
-        return run_cli("train", *self.base(), *tiny(*overrides), cwd=self.root, check=check)
+        args = ["train", *self.base(), *tiny(*overrides)]
+        return run_cli(*args, cwd=self.root, check=check, environ=environ)
 
     def popen(self, *overrides: str, **extra_env: str) -> subprocess.Popen:
         """`tunelab train` of the tiny model in a real process; output on .stdout."""
@@ -411,7 +418,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, empty_store: Path):
     """One tiny run through the CLI, shared by the tests that inspect its results (read-only:
     a test that trains again does it in a workspace of its own)."""
     ws = new_workspace(tmp_path_factory.mktemp("trained"), empty_store)
-    result = ws.train("checkpoint=none")
+    # MLflow publishes system metrics once a sampling interval has passed: make it shorter than
+    # any run can be, so that they are there to check however fast the machine.
+    fast_sampling = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.05"}
+    result = ws.train("checkpoint=none", environ=fast_sampling)
     (run_dir,) = ws.run_dirs()
     return ws, run_dir, result
 

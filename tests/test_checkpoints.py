@@ -195,6 +195,8 @@ def test_keep_best_survives_rotation_across_a_resume(workspace):
 def test_checkpoints_hold_no_full_pickle_and_load_for_inference(workspace):
     workspace.train("checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2")
     root = workspace.checkpoints()
+    import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for step in (4, 8):
@@ -213,8 +215,13 @@ def test_checkpoints_hold_no_full_pickle_and_load_for_inference(workspace):
         assert manifest["step"] == step and "eval_loss" in manifest["metrics"]
         args = json.loads((ckpt / "training_args.json").read_text())
         assert args["save_steps"] == 4
-        AutoModelForCausalLM.from_pretrained(ckpt)
-        AutoTokenizer.from_pretrained(ckpt)
+        # Loaded for inference with the checkpoint's own weights (none left at random init).
+        model = AutoModelForCausalLM.from_pretrained(ckpt)
+        stored = load_file(ckpt / "model.safetensors")
+        loaded = model.state_dict()
+        assert stored and all(torch.equal(loaded[k], v) for k, v in stored.items())
+        assert torch.equal(loaded["lm_head.weight"], stored["transformer.wte.weight"])
+        assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<|endoftext|>"
 
 
 def _fake_checkpoint(root: Path, step: int, loss: float | None, commit: bool = True) -> Path:
