@@ -68,7 +68,6 @@ def test_server_holds_params_tags_metrics_datasets_and_the_logged_model(remote_r
     assert {m["key"] for m in model["data"]["metrics"]} >= {"eval_loss", "eval_exact_match"}
 
 
-@pytest.mark.slow
 def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp_path):
     url, ws, _, run = remote_run
     run_id = run["info"]["run_id"]
@@ -90,7 +89,6 @@ def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp
     assert again.stderr.strip().count("\n") == 0, again.stderr
 
 
-@pytest.mark.slow
 def test_a_second_run_finetunes_from_the_first_ones_mlflow_uri(remote_run, tmp_path):
     url, _, _, run = remote_run
     source = f"runs:/{run['info']['run_id']}/model"
