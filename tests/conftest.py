@@ -1,16 +1,49 @@
-"""Shared fixtures: a tiny, real training run through the real CLI, against a real sqlite store."""
+"""Shared fixtures: tiny, real training runs through the real CLI, against real sqlite stores.
+
+Most runs call `tunelab.cli.main` in this process (`run_cli`, `Workspace.train`): Hydra, the
+runner, Trainer and MLflow all run for real, without paying ~6 s of imports per run. Tests whose
+point is a process (kill -9, signals, exit codes, what a fresh interpreter imports, launchers that
+start workers) start real ones (`tunelab`, `Workspace.popen`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Offline (no hub lookups), system metrics sampled often enough to show up in a short run, and
+# one compute thread: the tiny models gain nothing from a second one, and on a machine whose
+# cores are busy with other work, torch's threads waiting for each other at every small op make
+# a run 10x slower. Set for this process too, before anything imports torch, huggingface_hub or
+# mlflow.
+TEST_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+os.environ.update(TEST_ENV)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # A model of ~40k parameters on 2-digit addition: a run is a few seconds of real training.
 TINY = [
@@ -32,12 +65,27 @@ TINY = [
 ]
 
 
-def env() -> dict[str, str]:
+def tiny(*overrides: str) -> list[str]:
+    """TINY with `overrides` on top: an override of a key TINY sets replaces TINY's (one value
+    per key on the command line, and in the run's name)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [*(o for o in TINY if o.split("=", 1)[0] not in keys), *overrides]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes.
+
+
+def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    # Tiny runs last seconds: sample system metrics every second so they show up.
-    e.update(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    e.update(TEST_ENV)
     e.pop("MLFLOW_TRACKING_URI", None)
+    # Child processes run in temporary directories: put this checkout's sources first, by
+    # absolute path, so they run the code under test (not whatever the venv's install points at).
+    e["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "src"), *filter(None, e.get("PYTHONPATH", "").split(os.pathsep))]
+    )
+    e.update(extra)
     return e
 
 
@@ -59,6 +107,260 @@ def tunelab(*args: str, cwd: Path, check: bool = True, timeout: float = 600):
     return proc
 
 
+# ---------------------------------------------------------------------------------------------
+# Long real processes started as soon as the tests are collected, to run on the second core
+# while the (single-threaded) tests run on the first. A fixture of the same name hands one over.
+
+
+class Background:
+    """A real process, its output in files, in a temporary directory of its own."""
+
+    def __init__(self, args: list[str], root: Path, url: str = "") -> None:
+        self.root, self.args, self.url = root, args, url
+        self.stdout, self.stderr = self.root / "stdout.txt", self.root / "stderr.txt"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(args, cwd=self.root, env=env(), stdout=out, stderr=err)
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for it (`timeout` seconds, counted from now), then its output."""
+        self.proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(
+            self.args, self.proc.returncode, self.stdout.read_text(), self.stderr.read_text()
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_run() -> Background:
+    """`tunelab train` with the defaults: only where things go is changed."""
+    root = Path(tempfile.mkdtemp(prefix="tunelab-default-run-"))
+    args = [sys.executable, "-m", "tunelab", "train", f"output.root={root / 'outputs'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            "training.progress_bar=false"]  # fmt: skip
+    return Background(args, root)
+
+
+def _mlflow_server() -> Background:
+    """A real MLflow tracking server with proxied artifacts, on a free loopback port."""
+    root = Path(tempfile.mkdtemp(prefix="tunelab-server-"))
+    port = free_port()
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
+    return Background(args, root, url=f"http://127.0.0.1:{port}")
+
+
+PRESTART = {"default_run": _default_run, "mlflow_server": _mlflow_server}
+_started: dict[str, Background] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: only what selected tests need
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.option.collectonly:
+        return
+    wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
+    for name, start in PRESTART.items():
+        if name in wanted and name not in _started:
+            _started[name] = start()
+
+
+def pytest_sessionfinish(session) -> None:
+    for background in _started.values():
+        background.stop()
+
+
+def prestarted(name: str) -> Background:
+    if name not in _started:  # collected some other way: start it now
+        _started[name] = PRESTART[name]()
+    return _started[name]
+
+
+@pytest.fixture(scope="session")
+def default_run() -> tuple[Path, subprocess.CompletedProcess]:
+    """The default run (`make train`), in a real process: (its directory, the process)."""
+    run = prestarted("default_run")
+    return run.root, run.wait(timeout=900)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[str]:
+    """The URL of a real MLflow server, started with the session."""
+    server = prestarted("mlflow_server")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, server.stderr.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(server.url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("mlflow server did not start")
+    yield server.url
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI in this process.
+
+
+@dataclass
+class Result:
+    """What `tunelab ARGS` left, as a process would: exit status, stdout, stderr."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _import_heavy_libraries() -> None:
+    """Import them outside any output capture: their loggers bind sys.stderr once, at import."""
+    import mlflow  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS says, should torch have been imported before
+
+
+def _freeze_what_lives() -> None:
+    """Collect the garbage, then move every object still alive (modules, mostly) out of the
+    garbage collector's sight. A run calls gc.collect() (tunelab after each job, accelerate on
+    cleanup): in a process holding torch, transformers and mlflow each call costs most of a
+    second otherwise. Only the cycle collector skips frozen objects; nothing else changes."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def _restored_process_state(cwd: Path) -> Iterator[None]:
+    """Run in `cwd`, then put back what a run changes in a process: cwd, sys.argv, environment
+    (TUNELAB_SWEEP, TUNELAB_EXPERIMENTS_DIR, MLFLOW_TRACKING_URI, ...), Hydra's global state and
+    the logging setup Hydra installs. SIGTERM/SIGINT handlers are put back too, and a run that
+    left its own installed is an error: `runner.run` must uninstall them."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved_cwd, saved_argv, saved_env = os.getcwd(), sys.argv, dict(os.environ)
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    os.chdir(cwd)
+    leaked = []
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()  # Hydra's console and train.log handlers
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for sig, handler in saved_signals.items():
+            if signal.getsignal(sig) is not handler:
+                leaked.append(signal.Signals(sig).name)
+                signal.signal(sig, handler)
+    assert not leaked, f"the run left its {leaked} handlers installed"
+
+
+def run_cli(
+    *args: str,
+    cwd: Path,
+    check: bool = True,
+    light: bool = False,
+    environ: dict[str, str] | None = None,
+) -> Result:
+    """`tunelab ARGS` in this process, in `cwd`, with `environ` added to the environment for the
+    call. An exception escaping `main` counts as exit status 1 with its traceback on stderr, as
+    in a process. `light`: the command is expected to stop before importing torch, transformers
+    or mlflow (config errors)."""
+    from tunelab import cli
+
+    if not light:
+        _import_heavy_libraries()
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    captured = (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err))
+    with _restored_process_state(cwd), captured[0], captured[1]:
+        os.environ.update(environ or {})
+        try:
+            cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    if not light:
+        _freeze_what_lives()
+    if isinstance(code, str):  # sys.exit("message")
+        err.write(code + "\n")
+        code = 1
+    result = Result(list(args), code or 0, out.getvalue(), err.getvalue())
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"tunelab {' '.join(args)} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores, runs and checkpoints.
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated, empty sqlite MLflow store per session (creating and migrating one takes
+    seconds); each workspace gets a copy of the file."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("empty-store")
+    path = root / "mlflow.db"
+    saved = os.getcwd()
+    os.chdir(root)  # MLflow's Default experiment points at ./mlruns: keep it out of the repo
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(saved)
+    return path
+
+
+def runs_of(ws_or_uri: Workspace | str, experiment: str = "tunelab"):
+    """(client, the experiment's runs) of a store."""
+    from mlflow import MlflowClient
+
+    uri = ws_or_uri.uri if isinstance(ws_or_uri, Workspace) else ws_or_uri
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} in {uri}"
+    return client, client.search_runs([exp.experiment_id])
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps of the complete checkpoints under a checkpoints directory, ascending."""
+    from tunelab import checkpoints
+
+    return sorted(checkpoints.step_of(p) for p in checkpoints.committed(root))
+
+
 @dataclass
 class Workspace:
     root: Path
@@ -70,26 +372,58 @@ class Workspace:
     def base(self) -> list[str]:
         return [f"output.root={self.root / 'outputs'}", f"tracking.uri={self.uri}"]
 
-    def train(self, *overrides: str, check: bool = True):
-        return tunelab("train", *self.base(), *TINY, *overrides, cwd=self.root, check=check)
+    def train(self, *overrides: str, check: bool = True, environ: dict | None = None) -> Result:
+        """`tunelab train` of the tiny model, in this process."""
+        args = ["train", *self.base(), *tiny(*overrides)]
+        return run_cli(*args, cwd=self.root, check=check, environ=environ)
+
+    def popen(self, *overrides: str, **extra_env: str) -> subprocess.Popen:
+        """`tunelab train` of the tiny model in a real process; output on .stdout."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "train", *self.base(), *tiny(*overrides)],
+            cwd=self.root,
+            env=env(**extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def run_dirs(self, experiment: str = "tunelab") -> list[Path]:
         parent = self.root / "outputs" / experiment
         return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.exists() else []
 
+    def checkpoints(self) -> Path:
+        """The checkpoints directory of the workspace's only run (a path that does not exist
+        until the run directory does)."""
+        dirs = [d for d in self.run_dirs() if d.name != "sweeps"]
+        assert len(dirs) <= 1, dirs
+        return dirs[0] / "checkpoints" if dirs else self.root / "no-run-yet"
+
+
+def new_workspace(root: Path, store: Path | None) -> Workspace:
+    """A workspace in `root`, holding a copy of the empty store `store` (None: no store yet)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if store is not None:
+        shutil.copy(store, root / "mlflow.db")
+    return Workspace(root)
+
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> Workspace:
-    return Workspace(tmp_path)
+def workspace(tmp_path: Path, empty_store: Path) -> Workspace:
+    return new_workspace(tmp_path / "ws", empty_store)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
-    """One tiny run through the CLI, shared by the tests that inspect its results."""
-    ws = Workspace(tmp_path_factory.mktemp("trained"))
-    proc = ws.train("checkpoint=none")
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, empty_store: Path):
+    """One tiny run through the CLI, shared by the tests that inspect its results (read-only:
+    a test that trains again does it in a workspace of its own)."""
+    ws = new_workspace(tmp_path_factory.mktemp("trained"), empty_store)
+    # MLflow publishes system metrics once a sampling interval has passed: make it shorter than
+    # any run can be, so that they are there to check however fast the machine.
+    fast_sampling = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.05"}
+    result = ws.train("checkpoint=none", environ=fast_sampling)
     (run_dir,) = ws.run_dirs()
-    return ws, run_dir, proc
+    return ws, run_dir, result
 
 
 @pytest.fixture

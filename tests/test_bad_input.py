@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TINY, env
-from tunelab import config, data
+from tests.conftest import TINY, env, new_workspace, run_cli
+from tunelab import artifacts, config, data
 from tunelab.tasks import causal_lm
 
 # (arguments after `tunelab train`, lines the error must hold)
@@ -39,20 +39,34 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("args", "expected"), CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_config_is_one_line_per_problem_exit_2_and_nothing_created(tmp_path, args, expected):
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", *args],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+def assert_one_line_per_problem(returncode: int, stderr: str, expected: list[str]) -> None:
+    assert returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
     assert all(line.startswith("tunelab: config error: ") for line in lines), lines
     assert len(lines) == len(expected), lines
     for want in expected:
         assert any(want in line for line in lines), (want, lines)
+
+
+@pytest.mark.parametrize(("args", "expected"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_config_is_one_line_per_problem_exit_2_and_nothing_created(tmp_path, args, expected):
+    # In this process: the CLI's own exit status, stderr and (empty) working directory.
+    result = run_cli("train", *args, cwd=tmp_path, check=False, light=True)
+    assert_one_line_per_problem(result.returncode, result.stderr, expected)
+    assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []  # no outputs/, multirun/, mlflow.db
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[-2]], ids=["run", "sweep"])
+def test_a_bad_config_in_a_real_process_too(tmp_path, case):
+    args, expected = case
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", *args],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_one_line_per_problem(proc.returncode, proc.stderr, expected)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_output_root_is_refused(tmp_path):
@@ -156,12 +170,13 @@ def test_a_bad_data_file_stops_before_an_mlflow_run_exists(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_configs_and_code_in_a_model_directory_are_data_never_run(trained, tmp_path):
+def test_configs_and_code_in_a_model_directory_are_data_never_run(trained, tmp_path, empty_store):
     """A model directory whose config.json names custom code (auto_map) and whose tunelab.yaml
     asks Hydra to instantiate something: tunelab trains from it without running either."""
     import shutil
 
-    ws, run_dir, _ = trained
+    _, run_dir, _ = trained
+    ws = new_workspace(tmp_path / "ws", empty_store)
     source = tmp_path / "model"
     shutil.copytree(run_dir / "model", source)
     marker = tmp_path / "EXECUTED"
@@ -177,12 +192,11 @@ def test_configs_and_code_in_a_model_directory_are_data_never_run(trained, tmp_p
     )
     tiny = [o for o in TINY if not o.startswith("model.")]
     args = [*ws.base(), *tiny, "model=hf", f"model.name_or_path={source}", "checkpoint=none"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", *args],
-        cwd=ws.root, env=env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_cli("train", *args, cwd=ws.root, check=False)
     assert not marker.exists()
-    assert proc.returncode == 0, proc.stderr[-3000:]  # gpt2 is built in: auto_map is ignored
+    assert result.returncode == 0, result.stderr[-3000:]  # gpt2 is built in: auto_map is ignored
+    (trained_dir,) = ws.run_dirs()
+    assert artifacts.read_manifest(trained_dir / "model")["base_model"] == str(source)
 
 
 OVERRIDE_CHARS = "abcdeghiklmnoprstuvxy._=+~,:[](){}$'\" 0123456789-/*@"

@@ -5,35 +5,27 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
-from tests.conftest import TINY, env
+from tests.conftest import Workspace, committed_steps, new_workspace, run_cli, runs_of, tiny
 from tunelab import artifacts, checkpoints, snapshots
 
-LONGER = [o for o in TINY if not o.startswith("training.max_steps")] + ["training.max_steps=60"]
-CKPT = ["checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
+# 60 steps, a checkpoint every 4, the newest 2 kept (plus the best by eval_loss).
+LONGER = ["training.max_steps=60", "checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
+# Testing hook: each checkpoint commit takes at least this long, and training waits for one
+# commit before starting the next, so a run cannot pass step N + `every` within that time of
+# checkpoint N appearing, however fast the machine is: a signal or a kill sent on seeing a
+# checkpoint lands before the run ends.
+SLOW_COMMITS = {"TUNELAB_TEST_COMMIT_DELAY": "0.4"}
 
 
-def popen(ws, *overrides: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "tunelab", "train", *ws.base(), *LONGER, *CKPT, *overrides]
-    return subprocess.Popen(
-        args,
-        cwd=ws.root,
-        env={**env(), **(extra_env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def run_dir_of(ws) -> Path:
+def run_dir_of(ws: Workspace) -> Path:
     (run_dir,) = ws.run_dirs()
     return run_dir
 
@@ -49,33 +41,16 @@ def wait_for(predicate, timeout: float = 120.0, proc: subprocess.Popen | None = 
     raise AssertionError("timed out waiting")
 
 
-def ckpt_root(ws) -> Path:
-    dirs = ws.run_dirs()
-    return dirs[0] / "checkpoints" if dirs else ws.root / "nowhere"
-
-
-def writing_a_checkpoint(ws) -> bool:
+def writing_a_checkpoint(ws: Workspace) -> bool:
     """A checkpoint directory exists whose manifest is not written yet."""
-    root = ckpt_root(ws)
+    root = ws.checkpoints()
     return root.is_dir() and any(
         p.name.startswith(("checkpoint-", ".checkpoint-")) and not (p / "manifest.json").exists()
         for p in root.iterdir()
     )
 
 
-def committed_steps(ws) -> list[int]:
-    return sorted(checkpoints.step_of(p) for p in checkpoints.committed(ckpt_root(ws)))
-
-
-def the_run(ws):
-    client = MlflowClient(tracking_uri=ws.uri)
-    (exp,) = [e for e in client.search_experiments() if e.name == "tunelab"]
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return client, runs[0]
-
-
-def assert_clean_finish(ws, keep: int = 2) -> dict:
+def assert_clean_finish(ws: Workspace, keep: int = 2) -> dict:
     run_dir = run_dir_of(ws)
     manifest = artifacts.read_manifest(run_dir / "model")
     assert manifest["step"] == 60
@@ -85,39 +60,40 @@ def assert_clean_finish(ws, keep: int = 2) -> dict:
     assert all((root / n / "manifest.json").is_file() for n in names), names  # none incomplete
     assert not [n for n in names if n.startswith(".deleting")]
     assert len(names) <= keep + 1  # newest `keep`, plus the best by eval_loss
-    assert sorted(committed_steps(ws))[-1] == 60
+    assert committed_steps(root)[-1] == 60
     return manifest
 
 
 @pytest.mark.slow
 def test_kill_9_at_any_moment_then_rerun_finishes_as_one_run(workspace):
     rng = random.Random(7)
-    delay = {"TUNELAB_TEST_COMMIT_DELAY": "0.4"}
     resumed_from = []
     # Kill while a checkpoint is half-written (twice), then at random moments after a commit.
     plans = ["during-write", "random", "during-write", "random"]
     for plan in plans:
-        proc = popen(workspace, extra_env=delay)
-        before = committed_steps(workspace)
+        proc = workspace.popen(*LONGER, **SLOW_COMMITS)
+        before = committed_steps(workspace.checkpoints())
+        wait_for(lambda b=before: committed_steps(workspace.checkpoints()) != b, proc=proc)
         if plan == "during-write":
-            wait_for(lambda b=before: committed_steps(workspace) != b, proc=proc)
             wait_for(lambda: writing_a_checkpoint(workspace), proc=proc)
         else:
-            wait_for(lambda b=before: committed_steps(workspace) != b, proc=proc)
             time.sleep(rng.uniform(0.0, 0.8))
         proc.kill()
         proc.wait()
-        steps = committed_steps(workspace)
+        steps = committed_steps(workspace.checkpoints())
         assert steps, "a commit happened before the kill"
+        assert max(steps) < 60, "killed before the run could end"
         resumed_from.append(max(steps))
         # Every complete checkpoint left behind verifies against its manifest.
         for step in steps:
-            assert artifacts.verify_manifest(ckpt_root(workspace) / f"checkpoint-{step}") == []
+            assert artifacts.verify_manifest(workspace.checkpoints() / f"checkpoint-{step}") == []
 
-    out = popen(workspace).communicate(timeout=300)[0]
-    assert f"resuming from {ckpt_root(workspace) / f'checkpoint-{resumed_from[-1]}'}" in out, out
+    # The same command, once more (in this process), resumes and finishes.
+    result = workspace.train(*LONGER)
+    newest = workspace.checkpoints() / f"checkpoint-{resumed_from[-1]}"
+    assert f"resuming from {newest}" in result.stdout + result.stderr, result.stdout
     assert_clean_finish(workspace)
-    client, run = the_run(workspace)
+    client, (run,) = runs_of(workspace)
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["tunelab.resumes"]) == len(plans)
     # Metrics continue at the right steps: every logged step is within the run's 60 steps.
@@ -126,22 +102,18 @@ def test_kill_9_at_any_moment_then_rerun_finishes_as_one_run(workspace):
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path):
-    from tests.conftest import Workspace
+def test_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path, empty_store):
+    straight = new_workspace(tmp_path / "straight", empty_store)
+    straight.train(*LONGER)
 
-    straight = Workspace(tmp_path / "straight")
-    straight.root.mkdir()
-    assert popen(straight).wait(timeout=300) == 0
-
-    proc = popen(workspace)
-    wait_for(lambda: 28 in committed_steps(workspace), proc=proc)
+    proc = workspace.popen(*LONGER, **SLOW_COMMITS)
+    wait_for(lambda: 28 in committed_steps(workspace.checkpoints()), proc=proc)
     proc.kill()
     proc.wait()
-    newest = max(committed_steps(workspace))
-    resumed = popen(workspace)
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, out
-    assert f"resuming from {ckpt_root(workspace) / f'checkpoint-{newest}'}" in out
+    newest = max(committed_steps(workspace.checkpoints()))
+    assert newest < 60
+    resumed = workspace.train(*LONGER)
+    assert f"resuming from {workspace.checkpoints() / f'checkpoint-{newest}'}" in resumed.stdout
 
     a = assert_clean_finish(straight)["metrics"]
     b = assert_clean_finish(workspace)["metrics"]
@@ -149,37 +121,38 @@ def test_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path):
     assert b["eval_token_accuracy"] == pytest.approx(a["eval_token_accuracy"], abs=1e-6)
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_marks_killed_and_the_same_command_resumes(workspace):
-    proc = popen(workspace, "checkpoint.every=20")
-    wait_for(lambda: 20 in committed_steps(workspace), proc=proc)
+    # A checkpoint every 10 steps: with slow commits the run cannot get past step 50 within
+    # 2 x 0.4 s of checkpoint 20 appearing, so SIGTERM lands before the end.
+    command = [*LONGER, "checkpoint.every=10"]
+    proc = workspace.popen(*command, **SLOW_COMMITS)
+    wait_for(lambda: 20 in committed_steps(workspace.checkpoints()), proc=proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "run the same command again to resume" in out
-    steps = committed_steps(workspace)
+    steps = committed_steps(workspace.checkpoints())
     stopped_at = max(steps)
     assert 20 < stopped_at < 60, steps  # written at the step boundary after the signal
-    client, run = the_run(workspace)
+    client, (run,) = runs_of(workspace)
     assert run.info.status == "KILLED"
     assert "SIGTERM" in run.data.tags["tunelab.error"]
     assert not (run_dir_of(workspace) / "model").exists()
 
-    out = popen(workspace, "checkpoint.every=20").communicate(timeout=300)[0]
-    assert f"checkpoint-{stopped_at}" in out
-    client, again = the_run(workspace)
+    result = workspace.train(*command)
+    assert f"checkpoint-{stopped_at}" in result.stdout
+    client, (again,) = runs_of(workspace)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["tunelab.resumed_from"].endswith(f"checkpoint-{stopped_at}")
     assert artifacts.read_manifest(run_dir_of(workspace) / "model")["step"] == 60
 
 
-@pytest.mark.slow
 def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
-    short = ["training.max_steps=12", "checkpoint.every=4", "checkpoint.keep=3"]
-    workspace.train(*CKPT, *short)
+    short = ["checkpoint=steps", "training.max_steps=12", "checkpoint.every=4", "checkpoint.keep=3"]
+    workspace.train(*short)
     run_dir = run_dir_of(workspace)
     root = run_dir / "checkpoints"
-    assert committed_steps(workspace) == [4, 8, 12]
+    assert committed_steps(root) == [4, 8, 12]
     # Truncated weights in the newest, an edited optimizer file in the next.
     weights = root / "checkpoint-12" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -187,12 +160,10 @@ def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
     blob = bytearray(optimizer.read_bytes())
     blob[-10] ^= 0xFF
     optimizer.write_bytes(bytes(blob))
-    import shutil
-
     shutil.rmtree(run_dir / "model")  # not finished any more: the next run must resume
 
-    proc = workspace.train(*CKPT, *short)
-    log = proc.stdout + proc.stderr
+    result = workspace.train(*short)
+    log = result.stdout + result.stderr
     assert "checkpoint-12 does not match its manifest" in log
     assert "checkpoint-8 does not match its manifest" in log
     assert f"resuming from {root / 'checkpoint-4'}" in log
@@ -205,22 +176,29 @@ def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
 def test_keep_best_survives_rotation_across_a_resume(workspace):
     # mode=max on eval_loss makes the *worst* loss "best": the first checkpoint, long since
     # out of the newest-`keep` window, so only keep_best can explain it being there.
-    best = ["checkpoint.every=4", "checkpoint.keep=1", "checkpoint.mode=max"]
-    proc = popen(workspace, *best)
-    wait_for(lambda: max(committed_steps(workspace) or [0]) >= 24, proc=proc)
+    best = [*LONGER, "checkpoint.keep=1", "checkpoint.mode=max"]
+    # Slow commits: seen at step >= 24, the run cannot reach step 60 for another 2 s or more.
+    proc = workspace.popen(*best, **SLOW_COMMITS)
+    wait_for(lambda: max(committed_steps(workspace.checkpoints()) or [0]) >= 24, proc=proc)
     proc.send_signal(signal.SIGINT)  # Ctrl-C takes the same path as SIGTERM
     assert proc.wait(timeout=120) == 128 + signal.SIGINT
-    assert committed_steps(workspace)[0] == 4
-    assert popen(workspace, *best).wait(timeout=300) == 0
-    assert committed_steps(workspace) == [4, 60]
-    first = artifacts.read_manifest(ckpt_root(workspace) / "checkpoint-4")["metrics"]["eval_loss"]
-    last = artifacts.read_manifest(ckpt_root(workspace) / "checkpoint-60")["metrics"]["eval_loss"]
+    stopped = committed_steps(workspace.checkpoints())
+    assert stopped[0] == 4 and len(stopped) == 2 and stopped[-1] < 60, stopped
+    workspace.train(*best)
+    assert committed_steps(workspace.checkpoints()) == [4, 60]
+    root = workspace.checkpoints()
+    first = artifacts.read_manifest(root / "checkpoint-4")["metrics"]["eval_loss"]
+    last = artifacts.read_manifest(root / "checkpoint-60")["metrics"]["eval_loss"]
     assert first > last
 
 
 def test_checkpoints_hold_no_full_pickle_and_load_for_inference(workspace):
     workspace.train("checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2")
-    root = ckpt_root(workspace)
+    root = workspace.checkpoints()
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     for step in (4, 8):
         ckpt = root / f"checkpoint-{step}"
         names = {p.name for p in ckpt.iterdir()}
@@ -237,10 +215,13 @@ def test_checkpoints_hold_no_full_pickle_and_load_for_inference(workspace):
         assert manifest["step"] == step and "eval_loss" in manifest["metrics"]
         args = json.loads((ckpt / "training_args.json").read_text())
         assert args["save_steps"] == 4
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        AutoModelForCausalLM.from_pretrained(ckpt)
-        AutoTokenizer.from_pretrained(ckpt)
+        # Loaded for inference with the checkpoint's own weights (none left at random init).
+        model = AutoModelForCausalLM.from_pretrained(ckpt)
+        stored = load_file(ckpt / "model.safetensors")
+        loaded = model.state_dict()
+        assert stored and all(torch.equal(loaded[k], v) for k, v in stored.items())
+        assert torch.equal(loaded["lm_head.weight"], stored["transformer.wte.weight"])
+        assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<|endoftext|>"
 
 
 def _fake_checkpoint(root: Path, step: int, loss: float | None, commit: bool = True) -> Path:
@@ -288,12 +269,11 @@ def test_resume_never_starts_afresh_in_a_new_directory(workspace):
     first, second = workspace.run_dirs()
     assert second.name.startswith(first.name + "@")
     assert (first / "model").is_dir() and (second / "model").is_dir()
-    client = MlflowClient(tracking_uri=workspace.uri)
-    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    _, runs = runs_of(workspace)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
 
 
-def test_resume_from_a_checkpoint_path(workspace, tmp_path):
+def test_resume_from_a_checkpoint_path(workspace):
     workspace.train("checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=1")
     (first,) = workspace.run_dirs()
     ckpt = first / "checkpoints" / "checkpoint-8"
@@ -301,7 +281,7 @@ def test_resume_from_a_checkpoint_path(workspace, tmp_path):
     second = [d for d in workspace.run_dirs() if d != first][0]
     manifest = artifacts.read_manifest(second / "model")
     assert manifest["step"] == 12 and manifest["resumed_from"] == str(ckpt)
-    client = MlflowClient(tracking_uri=workspace.uri)
+    client, _ = runs_of(workspace)
     run = client.get_run(manifest["mlflow_run_id"])
     assert run.data.tags["tunelab.resumed_from"] == str(ckpt)
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {10, 12}
@@ -313,9 +293,9 @@ def test_a_directory_made_by_another_config_is_not_resumed(workspace):
     (run_dir / "model").rename(run_dir / "model-old")  # unfinished again
     record = artifacts.read_run_record(run_dir)
     artifacts.write_run_record(run_dir, {**record, "fingerprint": "0" * 64})  # conf edited
-    proc = workspace.train("checkpoint=none", check=False)
-    assert proc.returncode == 2
-    assert "holds a run of a different config" in proc.stderr
+    result = workspace.train("checkpoint=none", check=False)
+    assert result.returncode == 2
+    assert "holds a run of a different config" in result.stderr
     assert not (run_dir / "model").exists()
 
 
@@ -323,7 +303,7 @@ def _train_in_process(root: Path, *overrides: str) -> Path:
     from tunelab import config, runner
 
     every = ["checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=3", "tracking=none"]
-    overrides = (*TINY, "training.max_steps=12", *every, *overrides)
+    overrides = (*tiny("training.max_steps=12"), *every, *overrides)
     cfg = config.compose([*overrides, f"output.root={root}"])
     runner.run(cfg, root / "run", list(overrides))
     return root / "run" / "checkpoints"
@@ -339,7 +319,7 @@ def test_background_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypat
     sync = _train_in_process(tmp_path / "sync", "checkpoint.async_write=false")
     monkeypatch.setenv("TUNELAB_TEST_COMMIT_DELAY", "0.3")
     background = _train_in_process(tmp_path / "async")
-    assert committed_steps_of(background) == committed_steps_of(sync) == [4, 8, 12]
+    assert committed_steps(background) == committed_steps(sync) == [4, 8, 12]
     assert not list(background.glob(".*")), "no .partial directory left behind"
     for step in (4, 8, 12):
         a, b = sync / f"checkpoint-{step}", background / f"checkpoint-{step}"
@@ -372,10 +352,6 @@ def test_background_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypat
         )
 
 
-def committed_steps_of(root: Path) -> list[int]:
-    return sorted(checkpoints.step_of(p) for p in checkpoints.committed(root))
-
-
 def test_a_failed_background_write_stops_the_run_and_keeps_older_checkpoints(tmp_path):
     """The writer thread's error surfaces in the training loop (not lost in a thread), and the
     checkpoint it was writing never looks complete."""
@@ -393,7 +369,7 @@ def test_a_failed_background_write_stops_the_run_and_keeps_older_checkpoints(tmp
     with pytest.raises(snapshots.CheckpointWriteFailed, match="No space left on device"):
         writer.wait()
     writer.wait()  # reported once
-    assert committed_steps_of(root) == [2]
+    assert committed_steps(root) == [2]
     checkpoints.clean_incomplete(root)
     assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
 
@@ -435,14 +411,11 @@ def test_a_staged_file_is_plain_safetensors_and_its_checksum_matches(tmp_path, h
 
 
 def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_disk):
-    args = [f"output.root={small_disk}", f"tracking.uri={workspace.uri}", *LONGER, *CKPT]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", *args],
-        cwd=workspace.root, env=env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("tunelab:")]  # noqa: E741
+    args = [f"output.root={small_disk}", f"tracking.uri={workspace.uri}", *tiny(*LONGER)]
+    result = run_cli("train", *args, cwd=workspace.root, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("tunelab:")]  # noqa: E741
     assert "No space left on device" in line and "Older checkpoints are intact" in line
     (run_dir,) = (small_disk / "tunelab").iterdir()
     root = run_dir / "checkpoints"
@@ -452,6 +425,6 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_
     assert all(artifacts.verify_manifest(p) == [] for p in kept)
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # partial removed
     assert not (run_dir / "model").exists()
-    _, run = the_run(workspace)
+    _, (run,) = runs_of(workspace)
     assert run.info.status == "FAILED"
     assert "No space left on device" in run.data.tags["tunelab.error"]

@@ -227,7 +227,9 @@ def finished(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("finished"))
     overrides = [*TINY, "checkpoint=none", "training.max_steps=2"]
     cfg = config.compose([*overrides, *ws.base()])
-    result = runner.run(cfg, ws.root / "run", overrides)
+    with pytest.MonkeyPatch.context() as patch:  # MLflow's own sampler: every 5 s, too late
+        patch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+        result = runner.run(cfg, ws.root / "run", overrides)
     return ws, ws.root / "run", result.run_id
 
 

@@ -9,15 +9,24 @@ import sys
 import time
 
 import pytest
-from mlflow import MlflowClient
 
-from tests.conftest import TINY, env, tunelab
+from tests.conftest import env, run_cli, runs_of, tiny, tunelab
 
-SHARED = [*TINY, "checkpoint=none"]
+SHARED = ["checkpoint=none"]
+
+
+def sweep_args(ws, *overrides: str) -> list[str]:
+    return ["train", "-m", *ws.base(), *tiny(*SHARED, *overrides)]
 
 
 def sweep(ws, *overrides: str, check: bool = True):
-    return tunelab("train", "-m", *ws.base(), *SHARED, *overrides, cwd=ws.root, check=check)
+    """`tunelab train -m` in this process (Hydra's basic launcher runs the jobs in it)."""
+    return run_cli(*sweep_args(ws, *overrides), cwd=ws.root, check=check)
+
+
+def sweep_in_a_process(ws, *overrides: str, check: bool = True):
+    """`tunelab train -m` in a real process, for launchers that start workers of their own."""
+    return tunelab(*sweep_args(ws, *overrides), cwd=ws.root, check=check)
 
 
 def sweep_dir(ws):
@@ -25,10 +34,8 @@ def sweep_dir(ws):
     return found
 
 
-def runs_of(ws):
-    client = MlflowClient(tracking_uri=ws.uri)
-    exp = client.get_experiment_by_name("tunelab")
-    runs = client.search_runs([exp.experiment_id])
+def parents_and_children(ws):
+    client, runs = runs_of(ws)
     parents = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, parents, kids
@@ -41,8 +48,9 @@ def runs_of(ws):
     ids=["basic", "joblib-2-workers"],
 )
 def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace, launcher):
-    proc = sweep(workspace, "training.lr=1e-3,3e-3", "seed=1,2", *launcher)
-    client, (parent,), kids = runs_of(workspace)
+    run = sweep_in_a_process if launcher else sweep
+    proc = run(workspace, "training.lr=1e-3,3e-3", "seed=1,2", *launcher)
+    client, (parent,), kids = parents_and_children(workspace)
     assert len(kids) == 4
     assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
     assert sorted(k.info.run_name for k in kids) == [
@@ -65,25 +73,26 @@ def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace, launcher):
     assert jobs == sorted(k.info.run_name for k in kids)
     assert "sweep finished, best first" in proc.stdout
     # `tunelab runs --sweep` lists the jobs side by side, best first.
-    out = tunelab("runs", "--sweep", parent.info.run_id, "--uri", workspace.uri, cwd=workspace.root)
+    out = run_cli("runs", "--sweep", parent.info.run_id, "--uri", workspace.uri, cwd=workspace.root)
     lines = [ln for ln in out.stdout.splitlines() if "training.lr" in ln]
     assert len(lines) == 4 and best.info.run_name in lines[0]
 
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_jobs_as_child_runs(workspace):
-    sweep(workspace, "seed=1,2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
-    _, (parent,), kids = runs_of(workspace)
+    sweep_in_a_process(
+        workspace, "seed=1,2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"
+    )
+    _, (parent,), kids = parents_and_children(workspace)
     assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2"]
     assert {k.info.status for k in kids} == {"FINISHED"} and parent.info.status == "FINISHED"
 
 
-@pytest.mark.slow
 def test_a_failed_job_is_failed_in_mlflow_and_the_others_go_on(workspace):
     # No CUDA device here: that job fails after its MLflow run began; the sweep exits 1 at the end.
     proc = sweep(workspace, "training.device=cpu,cuda", "seed=1", check=False)
     assert proc.returncode == 1
-    _, (parent,), kids = runs_of(workspace)
+    _, (parent,), kids = parents_and_children(workspace)
     status = {k.info.run_name: k.info.status for k in kids}
     assert status == {"training.device-cpu": "FINISHED", "training.device-cuda": "FAILED"}
     assert parent.data.tags["tunelab.sweep_failed_jobs"] == "1"
@@ -93,15 +102,18 @@ def test_a_failed_job_is_failed_in_mlflow_and_the_others_go_on(workspace):
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
-    longer = "training.max_steps=200"
-    args = [sys.executable, "-m", "tunelab", "train", "-m", *workspace.base(), *SHARED, longer,
-            "checkpoint=steps", "checkpoint.every=20", "seed=1,2,3"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=workspace.root, env=env(), stdout=subprocess.DEVNULL,
+    command = sweep_args(workspace, "training.max_steps=200", "checkpoint=steps",
+                         "checkpoint.every=20", "seed=1,2,3")  # fmt: skip
+    # Slow commits (at least 0.4 s each, one at a time): a job cannot get from its first
+    # checkpoint to its end (step 200) in less than 3 s, so the kill lands inside the second job.
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", *command], cwd=workspace.root,
+                            env=env(TUNELAB_TEST_COMMIT_DELAY="0.4"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     first = None
     while time.monotonic() < deadline and first is None:
-        time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it was killed"
+        time.sleep(0.1)
         found = list((workspace.root / "outputs").rglob("seed-1/model/manifest.json"))
         # A *committed* checkpoint of the second job (its manifest is written last).
         pattern = "seed-2/checkpoints/checkpoint-*/manifest.json"
@@ -113,13 +125,13 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
     proc.wait()
     stamp = first.stat().st_mtime_ns
     record = json.loads((sweep_dir(workspace) / "sweep.json").read_text())
+    assert not list((workspace.root / "outputs").rglob("seed-2/model/manifest.json"))
 
-    rerun = tunelab("train", "-m", *workspace.base(), *SHARED, longer, "checkpoint=steps",
-                    "checkpoint.every=20", "seed=1,2,3", cwd=workspace.root)  # fmt: skip
+    rerun = run_cli(*command, cwd=workspace.root)
     assert first.stat().st_mtime_ns == stamp  # the finished job was not trained again
     assert "already finished" in rerun.stdout
     assert "resuming from" in rerun.stderr + rerun.stdout
-    client, parents, kids = runs_of(workspace)
+    client, parents, kids = parents_and_children(workspace)
     assert [p.info.run_id for p in parents] == [record["parent_run_id"]]
     assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2", "seed-3"]
     assert {k.info.status for k in kids} == {"FINISHED"}
@@ -129,8 +141,9 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
 @pytest.mark.slow
 def test_optuna_search_trials_are_child_runs_and_the_study_resumes(workspace):
     search = ["hparams_search=addition_optuna", "hydra.sweeper.n_trials=3"]
-    sweep(workspace, *search)
-    client, (parent,), kids = runs_of(workspace)
+    first = sweep(workspace, *search)
+    assert "Launching" in first.stdout  # Hydra says when it launches jobs (see the rerun below)
+    client, (parent,), kids = parents_and_children(workspace)
     assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
     lrs = [float(k.data.params["training.lr"]) for k in kids]
     assert len(set(lrs)) == 3 and all(3e-4 <= lr <= 1e-2 for lr in lrs)
@@ -142,7 +155,7 @@ def test_optuna_search_trials_are_child_runs_and_the_study_resumes(workspace):
     assert (sweep_dir(workspace) / "optuna.db").is_file()
     # The same command again: the study already has its 3 trials; nothing new is trained.
     again = sweep(workspace, *search)
-    _, parents, kids_after = runs_of(workspace)
+    _, parents, kids_after = parents_and_children(workspace)
     assert [p.info.run_id for p in parents] == [parent.info.run_id]
     assert len(kids_after) == 3 and "Launching" not in again.stdout
 
@@ -156,7 +169,8 @@ def test_sequential_jobs_release_their_memory(workspace):
     # A 0.8M-parameter model: a job that kept its weights, gradients and Adam state alive would
     # hold ~13 MiB, so a leak shows within a few jobs.
     bigger = ["model.arch.n_embd=128", "model.arch.n_layer=4", "model.arch.n_head=4"]
-    sweep(workspace, f"seed={seeds}", "tracking=none", "training.max_steps=4", *bigger)
+    # In a process of its own: the memory of this one would tell nothing about the sweep's.
+    sweep_in_a_process(workspace, f"seed={seeds}", "tracking=none", "training.max_steps=4", *bigger)
     rss = {}
     for log in sweep_dir(workspace).glob("seed-*/train.log"):
         found = re.search(r"job (\d+) released: process RSS ([\d.]+) MiB", log.read_text())

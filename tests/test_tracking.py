@@ -4,55 +4,15 @@ its REST API, downloads through it, and the store tools (`runs`, `export`, `gene
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY, Workspace, env, tunelab
-from tests.test_train import reload_and_generate
+from tests.conftest import Workspace, free_port, new_workspace, run_cli, runs_of, tiny, tunelab
+from tests.test_train import EXPECTED_FILES, PROMPT, continuation
 from tunelab import artifacts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real MLflow tracking server with proxied artifacts, on a free loopback port."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield url, root
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:
@@ -65,16 +25,17 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
 
 
 def train_remote(ws: Workspace, url: str, *overrides: str, check: bool = True):
-    return tunelab(
-        "train", f"output.root={ws.root / 'outputs'}", f"tracking.uri={url}", *TINY,
-        "checkpoint=none", *overrides, cwd=ws.root, check=check,
+    """`tunelab train` of the tiny model, in this process, tracked on the server at `url`."""
+    return run_cli(
+        "train", f"output.root={ws.root / 'outputs'}", f"tracking.uri={url}",
+        *tiny("checkpoint=none", *overrides), cwd=ws.root, check=check,
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def remote_run(server, tmp_path_factory):
-    url, _ = server
-    ws = Workspace(tmp_path_factory.mktemp("remote"))
+def remote_run(mlflow_server, tmp_path_factory):
+    url = mlflow_server
+    ws = new_workspace(tmp_path_factory.mktemp("remote"), store=None)
     train_remote(ws, url, "tracking.experiment=remote")
     exp = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=remote")
     exp_id = exp["experiment"]["experiment_id"]
@@ -82,7 +43,6 @@ def remote_run(server, tmp_path_factory):
     return url, ws, exp_id, run
 
 
-@pytest.mark.slow
 def test_server_holds_params_tags_metrics_datasets_and_the_logged_model(remote_run):
     url, ws, exp_id, run = remote_run
     info, data = run["info"], run["data"]
@@ -108,33 +68,34 @@ def test_server_holds_params_tags_metrics_datasets_and_the_logged_model(remote_r
     assert {m["key"] for m in model["data"]["metrics"]} >= {"eval_loss", "eval_exact_match"}
 
 
-@pytest.mark.slow
 def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp_path):
     url, ws, _, run = remote_run
     run_id = run["info"]["run_id"]
     dst = tmp_path / "exported"
-    tunelab("export", run_id, str(dst), "--uri", url, cwd=tmp_path)
+    run_cli("export", run_id, str(dst), "--uri", url, cwd=tmp_path)
     assert artifacts.verify_manifest(dst) == []
     (local,) = ws.run_dirs("remote")
     assert artifacts.sha256_file(dst / "model.safetensors") == artifacts.sha256_file(
         local / "model" / "model.safetensors"
     )
-    reload_and_generate(dst)
-    out = tunelab("generate", run_id, "12+34=", "--uri", url, cwd=tmp_path).stdout
-    assert out.startswith("12+34=")
-    # A second export into a non-empty directory refuses, in one line.
+    for name in EXPECTED_FILES:  # the files that reload with plain transformers, byte for byte
+        assert (dst / name).read_bytes() == (local / "model" / name).read_bytes(), name
+    # `generate` prints the prompt, then the stored weights' greedy continuation.
+    out = run_cli("generate", run_id, PROMPT, "--uri", url, cwd=tmp_path).stdout
+    assert out == PROMPT + continuation(dst, PROMPT, 16) + "\n"
+    # A second export into a non-empty directory refuses, in one line (a real process).
     again = tunelab("export", run_id, str(dst), "--uri", url, cwd=tmp_path, check=False)
     assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    assert again.stderr.strip().count("\n") == 0, again.stderr
 
 
-@pytest.mark.slow
 def test_a_second_run_finetunes_from_the_first_ones_mlflow_uri(remote_run, tmp_path):
     url, _, _, run = remote_run
     source = f"runs:/{run['info']['run_id']}/model"
     ws = Workspace(tmp_path)
-    tiny = [o for o in TINY if not o.startswith("model.")]
-    tunelab(
-        "train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={url}", *tiny,
+    without_arch = [o for o in tiny() if not o.startswith("model.")]
+    run_cli(
+        "train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={url}", *without_arch,
         "checkpoint=none", "tracking.experiment=remote-ft", "model=hf",
         f"model.name_or_path={source}", cwd=tmp_path,
     )  # fmt: skip
@@ -149,21 +110,20 @@ def test_a_second_run_finetunes_from_the_first_ones_mlflow_uri(remote_run, tmp_p
 def test_unreachable_tracking_fails_fast_before_training(workspace):
     dead = f"http://127.0.0.1:{free_port()}"
     began = time.monotonic()
-    proc = tunelab(
-        "train", f"output.root={workspace.root / 'outputs'}", f"tracking.uri={dead}", *TINY,
+    result = run_cli(
+        "train", f"output.root={workspace.root / 'outputs'}", f"tracking.uri={dead}", *tiny(),
         cwd=workspace.root, check=False,
     )  # fmt: skip
     elapsed = time.monotonic() - began
-    assert proc.returncode == 1
-    assert f"tracking server {dead} cannot be reached" in proc.stderr
-    assert "tracking.required=false" in proc.stderr and "Traceback" not in proc.stderr
+    assert result.returncode == 1
+    assert f"tracking server {dead} cannot be reached" in result.stderr
+    assert "tracking.required=false" in result.stderr and "Traceback" not in result.stderr
     assert elapsed < 60  # seconds, not MLflow's minutes of HTTP retries
     assert not list((workspace.root / "outputs").rglob("model.safetensors"))
 
 
-@pytest.mark.slow
-def test_required_false_trains_offline_and_the_same_command_uploads_later(server, workspace):
-    url, _ = server
+def test_required_false_trains_offline_and_the_same_command_uploads_later(mlflow_server, workspace):
+    url = mlflow_server
     dead = f"http://127.0.0.1:{free_port()}"
     first = train_remote(workspace, dead, "tracking.required=false", "tracking.experiment=later")
     assert "not uploaded" in first.stdout
@@ -172,30 +132,21 @@ def test_required_false_trains_offline_and_the_same_command_uploads_later(server
     # The store is back: the same command (now reaching it) uploads the finished artifact.
     second = train_remote(workspace, url, "tracking.required=false", "tracking.experiment=later")
     assert "already finished" in second.stdout
-    client = MlflowClient(tracking_uri=url)
-    exp = client.get_experiment_by_name("later")
-    (run,) = client.search_runs([exp.experiment_id])
+    client, (run,) = runs_of(url, "later")
     assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "8"
-    (model,) = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert model.source_run_id == run.info.run_id
     assert artifacts.read_run_record(run_dir)["mlflow_run_id"] == run.info.run_id
 
 
-@pytest.mark.slow
 def test_a_killed_run_is_not_left_running(workspace):
-    longer = [o for o in TINY if not o.startswith("training.max_steps")] + [
-        "training.max_steps=400"
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "train", *workspace.base(), *longer, "checkpoint=none"],
-        cwd=workspace.root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    # Far more steps than it can take before the kill, however fast the machine.
+    proc = workspace.popen("training.max_steps=100000", "checkpoint=none")
     deadline = time.monotonic() + 120
     run = None
     while run is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-        # Touch the store only once the run exists (its record is written after the store is
-        # created): opening a sqlite store while another process migrates it races.
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
         dirs = workspace.run_dirs()
         run_id = artifacts.read_run_record(dirs[0]).get("mlflow_run_id") if dirs else None
         if run_id:
@@ -205,14 +156,13 @@ def test_a_killed_run_is_not_left_running(workspace):
     assert run is not None and run.info.status == "RUNNING"
     proc.kill()  # kill -9: nothing in the process can report
     proc.wait()
-    out = tunelab("runs", "--uri", workspace.uri, cwd=workspace.root).stdout
+    out = run_cli("runs", "--uri", workspace.uri, cwd=workspace.root).stdout
     assert "KILLED" in out and run.info.run_id[:12] in out
     after = MlflowClient(tracking_uri=workspace.uri).get_run(run.info.run_id)
     assert after.info.status == "KILLED"
     assert "ended without reporting" in after.data.tags["tunelab.error"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("policy", "stored"),
     [("all", [2, 4, 6, 8]), ("last", [8]), ("best", [4])],
@@ -224,8 +174,7 @@ def test_log_checkpoints_mirrors_the_policy_into_the_store(workspace, policy, st
         "checkpoint=steps", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.mode=max",
         f"tracking.log_checkpoints={policy}",
     )  # fmt: skip
-    client = MlflowClient(tracking_uri=workspace.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    client, (run,) = runs_of(workspace)
     names = [f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert sorted(names, key=lambda n: int(n.split("-")[1])) == [f"checkpoint-{s}" for s in stored]
     for name in names:  # each stored copy is complete: its manifest came last

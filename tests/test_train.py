@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
-from tests.conftest import TINY, env
+from tests.conftest import TINY, env, new_workspace, runs_of
 from tunelab import artifacts
 from tunelab.tracking.logged_model import MLFLOW_FILES
 
@@ -26,22 +26,34 @@ EXPECTED_FILES = {
     "README.md",
 }
 
+PROMPT = "12+34="
+
+# What a user does with an artifact, in a fresh interpreter that never imports tunelab.
 RELOAD = """
-import sys
+import json, sys
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path = sys.argv[1]
+path, prompt = sys.argv[1], sys.argv[2]
 model = AutoModelForCausalLM.from_pretrained(path)
 tok = AutoTokenizer.from_pretrained(path)
-ids = tok("12+34=", return_tensors="pt")
+ids = tok(prompt, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**ids).logits[0]
 out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-print("GENERATED", repr(tok.decode(out[0][ids["input_ids"].shape[1]:])))
-print("TUNELAB_IMPORTED", "tunelab" in sys.modules)
+print(json.dumps({
+    "ids": ids["input_ids"][0].tolist(),
+    "logits": logits.tolist(),
+    "generated": tok.decode(out[0][ids["input_ids"].shape[1]:]),
+    "tunelab_imported": "tunelab" in sys.modules,
+}))
 """
 
 
-def reload_and_generate(path: Path) -> str:
+def reload_in_a_fresh_process(path: Path, prompt: str = PROMPT) -> dict:
+    """Load `path` with plain transformers in a new interpreter: the prompt's ids, the logits
+    on it and the greedy continuation (4 tokens, special tokens kept)."""
     proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(path)],
+        [sys.executable, "-c", RELOAD, str(path), prompt],
         capture_output=True,
         text=True,
         env=env(),
@@ -49,19 +61,69 @@ def reload_and_generate(path: Path) -> str:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TUNELAB_IMPORTED False" in proc.stdout
-    return proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def only_run(ws) -> object:
-    client = MlflowClient(tracking_uri=ws.uri)
-    (exp,) = [e for e in client.search_experiments() if e.name == "tunelab"]
-    (run,) = client.search_runs([exp.experiment_id])
-    return client, run
+def from_the_files(path: Path) -> tuple:
+    """(model, tokenizer) built here straight from the files, without from_pretrained's
+    weight loading: the architecture from config.json, the weights read from model.safetensors
+    (the output layer is tied to the embeddings, so the file holds it once), tokenizer.json."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    stored = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(stored, strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    return model.eval(), Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def greedy(path: Path, prompt: str, new_tokens: int) -> tuple[list[int], object, list[int]]:
+    """(prompt ids, logits on the prompt, greedy continuation ids, up to and with eos), computed
+    in this process from the files, by an explicit argmax loop."""
+    import torch
+
+    model, tok = from_the_files(path)
+    eos = model.config.eos_token_id
+    ids = tok.encode(prompt).ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+        seq, new = list(ids), []
+        for _ in range(new_tokens):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            seq.append(nxt)
+            new.append(nxt)
+            if nxt == eos:
+                break
+    return ids, logits, new
+
+
+def continuation(path: Path, prompt: str, new_tokens: int, skip_special: bool = True) -> str:
+    """The greedy continuation of `prompt` by the weights in `path`, as text."""
+    from tokenizers import Tokenizer
+
+    _, _, new = greedy(path, prompt, new_tokens)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return tok.decode(new, skip_special_tokens=skip_special)
+
+
+def assert_reloads_as_stored(path: Path) -> None:
+    """Plain transformers in a fresh process (no tunelab) computes, on a fixed prompt, the same
+    logits and the same greedy continuation as the stored weights do."""
+    import torch
+
+    reloaded = reload_in_a_fresh_process(path)
+    assert reloaded["tunelab_imported"] is False
+    ids, logits, new = greedy(path, PROMPT, 4)
+    assert reloaded["ids"] == ids
+    torch.testing.assert_close(torch.tensor(reloaded["logits"]), logits, rtol=1e-4, atol=1e-5)
+    assert reloaded["generated"] == continuation(path, PROMPT, 4, skip_special=False)
 
 
 def test_run_writes_a_complete_artifact(trained):
-    ws, run_dir, proc = trained
+    ws, run_dir, result = trained
     model_dir = run_dir / "model"
     assert {p.name for p in model_dir.iterdir()} == EXPECTED_FILES
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
@@ -75,7 +137,31 @@ def test_run_writes_a_complete_artifact(trained):
     assert len(manifest["data_digest"]) == 64
     resolved = yaml.safe_load((model_dir / "tunelab.yaml").read_text())
     assert resolved["training"]["max_steps"] == 8 and resolved["model"]["arch"]["n_embd"] == 32
-    assert "run finished" in proc.stdout and str(model_dir) in proc.stdout
+    assert "run finished" in result.stdout and str(model_dir) in result.stdout
+
+
+def test_the_artifact_holds_the_weights_its_metrics_were_measured_on(trained):
+    """The eval loss recorded in the manifest, recomputed from the stored files on the run's
+    own eval rows (one batch of 32): the artifact is the model that was evaluated."""
+    import torch
+
+    from tunelab import data
+
+    _, run_dir, _ = trained
+    model_dir = run_dir / "model"
+    manifest = artifacts.read_manifest(model_dir)
+    resolved = yaml.safe_load((model_dir / "tunelab.yaml").read_text())
+    d = resolved["data"]
+    rows = data.addition(d["digits"], d["train_size"], d["eval_size"], d["seed"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eval_set = data.tokenize(rows.eval, tok, d["max_length"])
+    batch = data.collator(tok)([eval_set[i] for i in range(len(eval_set))])
+    model, _ = from_the_files(model_dir)
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    assert loss == pytest.approx(manifest["metrics"]["eval_loss"], rel=1e-4)
 
 
 def test_artifact_holds_no_pickle(trained):
@@ -86,14 +172,11 @@ def test_artifact_holds_no_pickle(trained):
 
 def test_artifact_reloads_with_plain_transformers_and_generates(trained):
     _, run_dir, _ = trained
-    out = reload_and_generate(run_dir / "model")
-    assert "GENERATED" in out
+    assert_reloads_as_stored(run_dir / "model")
 
 
 def test_manifest_detects_a_changed_file(trained, tmp_path):
     _, run_dir, _ = trained
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(run_dir / "model", copy)
     with open(copy / "model.safetensors", "r+b") as f:
@@ -105,7 +188,7 @@ def test_manifest_detects_a_changed_file(trained, tmp_path):
 
 def test_mlflow_run_holds_params_metrics_artifacts_and_status(trained):
     ws, run_dir, _ = trained
-    client, run = only_run(ws)
+    client, (run,) = runs_of(ws)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == run_dir.name
     params = run.data.params
@@ -128,14 +211,14 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_status(trained):
     assert {"config/tunelab.yaml", "config/overrides.yaml", "config/hydra"} <= config_files
 
 
-def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch):
+def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch, tmp_path):
     import mlflow.artifacts
 
     ws, run_dir, _ = trained
     # MLflow 3.17 resolves runs:/.../model -> models:/ID against the default store, not the one
     # passed in: point the default at this store too.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ws.uri)
-    client, run = only_run(ws)
+    client, (run,) = runs_of(ws)
     (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert model.name == "model" and model.source_run_id == run.info.run_id
     assert str(model.status) == "READY"
@@ -145,28 +228,30 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch)
     listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=ws.uri)
     # The Hugging Face files, plus MLflow's MLmodel and the tokenizer where its flavor looks.
     assert {f.path.split("/")[-1] for f in listed} == EXPECTED_FILES | {"MLmodel", "components"}
-    dst = ws.root / "dl"
+    dst = tmp_path / "dl"
     dst.mkdir()
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=ws.uri))
     # MLflow keeps its own files beside the listed ones (`tunelab export` leaves them out).
     assert artifacts.verify_manifest(local, ignore=MLFLOW_FILES) == []
-    reload_and_generate(local)
+    for name in EXPECTED_FILES:  # the run directory's files, byte for byte
+        assert (local / name).read_bytes() == (run_dir / "model" / name).read_bytes(), name
     # One copy of the weights in the store, and, the store being on the same filesystem, it is
     # a hard link to the run directory's (read-only) file: no second copy on disk at all.
     (weights,) = list((ws.root / "mlartifacts").rglob("model.safetensors"))
     assert weights.samefile(run_dir / "model" / "model.safetensors")
     assert all(not (f.stat().st_mode & 0o222) for f in (run_dir / "model").iterdir())
-    # MLflow's own loader reads the same files.
+    # MLflow's own loader reads the same files: its pipeline continues the prompt as the stored
+    # weights do.
     import mlflow.transformers
 
     pipe = mlflow.transformers.load_model(f"models:/{model.model_id}")
-    out = pipe("12+34=", max_new_tokens=3, do_sample=False)[0]["generated_text"]
-    assert out.startswith("12+34=")
+    out = pipe(PROMPT, max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert out == PROMPT + continuation(local, PROMPT, 3)
 
 
 def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):
     ws, run_dir, _ = trained
-    client, run = only_run(ws)
+    client, (run,) = runs_of(ws)
     params = run.data.params
     assert int(params["model.parameters"]) == int(params["model.trainable_parameters"]) > 10_000
     assert params["data.train_examples"] == "256" and params["data.eval_examples"] == "32"
@@ -186,11 +271,11 @@ def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):
 
 def test_artifacts_live_beside_the_store(trained):
     ws, _, _ = trained
-    _, run = only_run(ws)
+    _, (run,) = runs_of(ws)
     assert run.info.artifact_uri.startswith((ws.root / "mlartifacts").as_uri())
 
 
-def test_long_param_values_are_truncated_not_dropped(workspace, tmp_path):
+def test_long_param_values_are_truncated_not_dropped():
     from tunelab.tracking import MAX_PARAM_VALUE, flatten
 
     flat = flatten({"a": {"b": "x" * 10_000, "c": [1, 2]}})
@@ -200,12 +285,12 @@ def test_long_param_values_are_truncated_not_dropped(workspace, tmp_path):
 
 def test_failing_run_is_marked_failed(workspace):
     # No CUDA device here: found when the Trainer is built, after tracking began.
-    proc = workspace.train("training.device=cuda", "checkpoint=none", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "training.device: cuda, but this machine has no CUDA device" in proc.stderr
-    client, run = only_run(workspace)
+    result = workspace.train("training.device=cuda", "checkpoint=none", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "training.device: cuda, but this machine has no CUDA device" in result.stderr
+    _, (run,) = runs_of(workspace)
     assert run.info.status == "FAILED"
-    assert "tunelab.error" in run.data.tags
+    assert "divisible" in run.data.tags["tunelab.error"]
     assert not (workspace.run_dirs()[0] / "model").exists()
 
 
@@ -223,12 +308,13 @@ def test_steps_checkpoints_keep_exactly_two_loadable(workspace):
         assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<|endoftext|>"
 
 
-def test_tracking_none_trains_without_mlflow(workspace):
-    workspace.train("tracking=none", "checkpoint=none")
-    (run_dir,) = workspace.run_dirs()
+def test_tracking_none_trains_without_mlflow(tmp_path):
+    ws = new_workspace(tmp_path, store=None)
+    ws.train("tracking=none", "checkpoint=none")
+    (run_dir,) = ws.run_dirs()
     assert (run_dir / "model" / "manifest.json").is_file()
-    assert not (workspace.root / "mlflow.db").exists()
-    assert not (workspace.root / "mlartifacts").exists()
+    assert not (ws.root / "mlflow.db").exists()
+    assert not (ws.root / "mlartifacts").exists()
 
 
 @pytest.mark.slow
@@ -242,9 +328,9 @@ def test_finetune_a_local_model_on_jsonl_files(trained, workspace):
     evaluation = workspace.root / "eval.jsonl"
     evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
     tiny = [o for o in TINY if not o.startswith(("model.", "data."))]
-    from tests.conftest import tunelab
+    from tests.conftest import run_cli
 
-    tunelab(
+    run_cli(
         "train",
         *workspace.base(),
         *tiny,
@@ -261,4 +347,10 @@ def test_finetune_a_local_model_on_jsonl_files(trained, workspace):
     manifest = json.loads((run_dir / "model" / "manifest.json").read_text())
     assert manifest["base_model"] == str(first_run / "model")
     assert "eval_exact_match" in manifest["metrics"]
-    reload_and_generate(run_dir / "model")
+    assert manifest["step"] == 8 and artifacts.verify_manifest(run_dir / "model") == []
+    # Fine-tuned: the same architecture and tokenizer, other weights.
+    first, tuned = first_run / "model", run_dir / "model"
+    assert (tuned / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    assert json.loads((tuned / "config.json").read_text())["n_embd"] == 32
+    assert (tuned / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+    assert_reloads_as_stored(tuned)
