@@ -28,8 +28,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's sources first, whatever the venv's (editable) install points at: the runs made
+# in this process test the same code as the processes `env()` starts.
+sys.path.insert(0, str(REPO / "src"))
 
-# Offline (no hub lookups), system metrics sampled often enough to show up in a short run, and
+# Offline (no hub lookups), system metrics sampled every second (not every 5), and
 # one compute thread: the tiny models gain nothing from a second one, and on a machine whose
 # cores are busy with other work, torch's threads waiting for each other at every small op make
 # a run 10x slower. Set for this process too, before anything imports torch, huggingface_hub or

@@ -160,13 +160,12 @@ def test_a_bad_data_file_stops_before_an_mlflow_run_exists(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tiny = [o for o in TINY if not o.startswith("data.") or o.startswith("data.max_length")]
     args = [f"output.root={tmp_path / 'out'}", f"tracking.uri={uri}", *tiny]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", *args, "data=text_files", f"data.train={path}"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert f"tunelab: config error: data.train: {path} line 2: not valid JSON" in proc.stderr
+    result = run_cli(
+        "train", *args, "data=text_files", f"data.train={path}", cwd=tmp_path, check=False
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"tunelab: config error: data.train: {path} line 2: not valid JSON" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
 
