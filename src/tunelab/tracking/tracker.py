@@ -175,7 +175,15 @@ class MlflowTracker:
         )
         entity = dataset._to_mlflow_entity()
         tags = [InputTag("mlflow.data.context", context), InputTag("tunelab.rows", str(rows))]
-        self.client.log_inputs(self.id, datasets=[DatasetInput(entity, tags)])
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.id, datasets=[DatasetInput(entity, tags)])
+                return
+            except Exception as exc:  # parallel jobs creating the same dataset row at once
+                log.debug("logging dataset %s failed (%s); attempt %d", name, exc, attempt + 1)
+                time.sleep(0.2 * (attempt + 1))
+        # Dataset inputs are metadata: never fail a run over them.
+        log.warning("dataset %s not logged to MLflow (the store refused it three times)", name)
 
     def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None:
         from tunelab.tracking.logged_model import log_model
