@@ -357,6 +357,17 @@ def runs_of(ws_or_uri: Workspace | str, experiment: str = "tunelab"):
     return client, client.search_runs([exp.experiment_id])
 
 
+def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Until `predicate()` is true; fails when `proc` ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
 def committed_steps(root: Path) -> list[int]:
     """Steps of the complete checkpoints under a checkpoints directory, ascending."""
     from tunelab import checkpoints

@@ -7,13 +7,20 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Workspace, committed_steps, new_workspace, run_cli, runs_of, tiny
+from tests.conftest import (
+    Workspace,
+    committed_steps,
+    new_workspace,
+    run_cli,
+    runs_of,
+    tiny,
+    wait_for,
+)
 from tunelab import artifacts, checkpoints, snapshots
 
 # 60 steps, a checkpoint every 4, the newest 2 kept (plus the best by eval_loss).
@@ -28,17 +35,6 @@ SLOW_COMMITS = {"TUNELAB_TEST_COMMIT_DELAY": "0.4"}
 def run_dir_of(ws: Workspace) -> Path:
     (run_dir,) = ws.run_dirs()
     return run_dir
-
-
-def wait_for(predicate, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.01)
-    raise AssertionError("timed out waiting")
 
 
 def writing_a_checkpoint(ws: Workspace) -> bool:

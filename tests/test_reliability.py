@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from tests.conftest import TINY, Workspace, env, tunelab
+from tests.conftest import TINY, Workspace, env, tunelab, wait_for
 from tunelab import artifacts, checkpoints, cli, config, data, locks
 from tunelab.tasks import causal_lm
 
@@ -367,16 +367,6 @@ def popen(
         cwd=ws.root, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"ended early:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 def store_runs(ws: Workspace) -> list:

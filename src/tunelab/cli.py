@@ -77,8 +77,9 @@ def train(args: list[str]) -> None:
     """Run Hydra's app with `args` exactly as if they followed a Hydra script's name."""
     import hydra
 
-    from tunelab import config, sweeps
+    from tunelab import config, distributed, sweeps
 
+    distributed.follow_launcher()
     # Every job's config, before Hydra creates anything: one line per problem, exit 2.
     config.exit_on_problems(config.preflight(args))
     os.environ.setdefault("TUNELAB_EXPERIMENTS_DIR", str(paths.experiments_dir()))
@@ -97,10 +98,11 @@ def train(args: list[str]) -> None:
         # SIGTERM/SIGINT: the run wrote a checkpoint and is KILLED in MLflow; the same command
         # resumes it. Exit as a process killed by that signal would (128 + signal number).
         signum = getattr(exc, "signum", 2)
-        print(
-            f"tunelab: {exc or 'interrupted'}; run the same command again to resume",
-            file=sys.stderr,
-        )
+        if distributed.is_main():  # under torchrun every rank stopped
+            print(
+                f"tunelab: {exc or 'interrupted'}; run the same command again to resume",
+                file=sys.stderr,
+            )
         raise SystemExit(128 + signum) from None
 
 
@@ -114,8 +116,9 @@ def train_job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tunelab import config, runner, sweeps
+    from tunelab import config, distributed, runner, sweeps
 
+    distributed.quiet_replicas()
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
@@ -137,10 +140,11 @@ def train_job(cfg: DictConfig) -> float | None:
             if known is None:
                 raise  # a bug, or an error from training itself: its traceback is what to read
             code, lines = known
-            if code == 2:
+            if code == 2 and distributed.is_main():
                 _remove_if_untouched(run_dir)  # bad config or data: leave nothing behind
-            for line in lines:
-                print(line, file=sys.stderr)
+            if distributed.is_main() or not isinstance(exc, config.ConfigError):
+                for line in lines:  # every rank meets the same config and data errors
+                    print(line, file=sys.stderr)
             raise SystemExit(code) from None
         why = known[1][0].removeprefix("tunelab: ") if known else f"{type(exc).__name__}: {exc}"
         why = (why.splitlines() or [type(exc).__name__])[0]
@@ -157,7 +161,7 @@ def train_job(cfg: DictConfig) -> float | None:
             rss = psutil.Process().memory_info().rss / 2**20
             log = logging.getLogger("tunelab")
             log.info("job %d released: process RSS %.1f MiB", hc.job.num, rss)
-    if not result.already_finished:
+    if not result.already_finished and distributed.is_main():
         print(result.summary())
     return result.objective
 
@@ -165,7 +169,7 @@ def train_job(cfg: DictConfig) -> float | None:
 def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
     """The exit code and the lines that say why a job failed, for errors of a kind tunelab
     knows (one line each); None for anything else."""
-    from tunelab import config, locks, snapshots, tracking
+    from tunelab import config, distributed, locks, snapshots, tracking
 
     if isinstance(exc, config.ConfigError):
         return 2, [f"tunelab: config error: {p}" for p in exc.problems]
@@ -178,6 +182,12 @@ def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
         return 1, [f"tunelab: {exc} Fix that and run the same command again to resume."]
     if isinstance(exc, locks.Busy):
         return 1, [f"tunelab: {exc}"]
+    if distributed.peer_lost(exc):
+        return 1, [
+            f"tunelab: rank {distributed.rank()}: another process of this run stopped (the "
+            "connection to it was lost); stopping too. Committed checkpoints are intact: run "
+            "the same command again to resume."
+        ]
     from safetensors import SafetensorError
 
     if isinstance(exc, (OSError, SafetensorError)):  # the artifact on a full disk, say

@@ -13,7 +13,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import artifacts, checkpoints, config, data, locks, metrics, sweeps, tasks, tracking
+from tunelab import (
+    artifacts,
+    checkpoints,
+    config,
+    data,
+    distributed,
+    locks,
+    metrics,
+    sweeps,
+    tasks,
+    tracking,
+)
 from tunelab import model as models
 
 log = logging.getLogger("tunelab")
@@ -33,7 +44,7 @@ def run(
     run directory: another is refused at once (locks.Busy)."""
     run_dir = Path(run_dir)
     # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = distributed.is_main()
     with locks.run_dir(run_dir) if main_process else contextlib.nullcontext():
         return _run(cfg, run_dir, overrides, tags, name, callbacks, main_process)
 
@@ -82,6 +93,7 @@ def _run(
             _test_hold("TUNELAB_TEST_START_DELAY")  # a test signals the process right here
             if main_process:
                 artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
+            run_id = distributed.same_run(run_dir, tracker.run_id)  # rank 0's, on every rank
         with tracking.recording(tracker):
             stopper.raise_pending()
             _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
@@ -93,6 +105,7 @@ def _run(
 
             extra = [TrackingCallback(tracker), stopper, *callbacks]
             trainer = _trainer(cfg, run_dir, model, tokenizer, task, prepared, rows, tracker, extra)
+            tracking.log_processes(tracker, distributed.parameters(trainer.args))
             train_out = trainer.train(
                 resume_from_checkpoint=str(resume_from) if resume_from else None
             )
@@ -113,7 +126,7 @@ def _run(
                 parameters=n_params,
                 data_source=rows.source,
                 data_digest=rows.digest,
-                mlflow_run_id=tracker.run_id,
+                mlflow_run_id=run_id,
                 overrides=list(overrides),
                 resumed_from=str(resume_from) if resume_from else None,
                 task=cfg.model.task,
@@ -131,7 +144,7 @@ def _run(
         run_dir=run_dir,
         artifact_dir=artifact,
         metrics=final,
-        run_id=tracker.run_id,
+        run_id=run_id,
         ui_hint=tracker.ui_hint or _upload_hint(cfg),
         objective=final.get(objective),
     )
@@ -196,6 +209,8 @@ def _already_finished(
     manifest = artifacts.read_manifest(run_dir / "model")
     record = artifacts.read_run_record(run_dir)
     log.info("already finished: %s", run_dir / "model")
+    if not distributed.is_main():  # rank 0 uploads and says so
+        return RunResult(run_dir, run_dir / "model", {}, already_finished=True)
     # Killed after the artifact was committed but before MLflow heard of it, or trained while
     # the store was down: upload it now.
     run_id = record.get("mlflow_run_id") or manifest.get("mlflow_run_id")
@@ -283,6 +298,8 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
         fp16=t.precision == "fp16",
         use_cpu=not cuda,
         dataloader_num_workers=t.num_workers,
+        ddp_find_unused_parameters=t.find_unused_parameters,
+        log_level_replica="error",  # under torchrun rank 0 alone speaks
         dataloader_pin_memory=cuda,
         disable_tqdm=not t.progress_bar,
         report_to="none",  # tracking is tunelab's own callback

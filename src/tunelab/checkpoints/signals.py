@@ -8,19 +8,28 @@ same command resumes).
 
 Before training starts a signal interrupts at once, except while the run is being recorded in
 MLflow (`deferred`): then it takes effect as soon as the run exists and is recorded, so the run
-ends KILLED rather than RUNNING or orphaned."""
+ends KILLED rather than RUNNING or orphaned.
+
+Under torchrun every rank gets the signal (from torchrun, and from the terminal or the scheduler
+too): signals within `COALESCE_S` of each other count as one there, and the ranks agree at each
+step boundary whether any of them was asked to stop, so all stop at the same step."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from transformers import TrainerCallback
 
+from tunelab import distributed
+
 log = logging.getLogger("tunelab")
+
+COALESCE_S = 2.0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -45,6 +54,8 @@ class StopOnSignal(TrainerCallback):
         self._pending: int | None = None
         self._deferring = False
         self._previous: dict[int, Any] = {}
+        self._coalesce = distributed.world_size() > 1
+        self._last = -COALESCE_S
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,6 +88,10 @@ class StopOnSignal(TrainerCallback):
             raise Interrupted(signum)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self._coalesce and now - self._last < COALESCE_S:
+            return  # the same stop, relayed by torchrun or sent to the whole group
+        self._last = now
         self.count += 1
         name = signal.Signals(signum).name
         if self._deferring:
@@ -94,6 +109,8 @@ class StopOnSignal(TrainerCallback):
         self.training = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if args.world_size > 1 and distributed.any_rank(self.received is not None):
+            self.received = self.received or signal.SIGTERM  # another rank's signal
         if self.received is not None:
             control.should_save = True  # even with checkpoint=none: preemption resumes
             control.should_training_stop = True

@@ -17,7 +17,7 @@ from typing import Any, cast
 from safetensors import SafetensorError
 from transformers import Trainer
 
-from tunelab import metrics, snapshots
+from tunelab import distributed, metrics, snapshots
 from tunelab.checkpoints.protocol import (
     ARGS_JSON,
     PREFIX,
@@ -134,6 +134,30 @@ class CheckpointingTrainer(Trainer):
         self.optimizer.load_state_dict(snapshots.load_optimizer(Path(checkpoint)))
         self.lr_scheduler.load_state_dict(snapshots.load_scheduler(Path(checkpoint)))
 
+    # Override: under DDP each rank's RNG state goes to rank 0, which writes them all into the
+    # checkpoint it commits; each rank writing its own file would race rank 0's commit.
+    def _save_rng_state(self, output_dir: str) -> None:
+        self._write_rng_states(Path(output_dir), self._gathered_rng_states())
+
+    def _gathered_rng_states(self) -> list[bytes] | None:
+        """Every rank's `rng_state_<rank>.pth`, as Trainer writes it, on rank 0 (a collective);
+        None in a single process (Trainer's own `rng_state.pth` is written then)."""
+        if self.args.world_size <= 1:
+            return None
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tunelab-rng-") as tmp:
+            super()._save_rng_state(tmp)
+            data = (Path(tmp) / f"rng_state_{self.args.process_index}.pth").read_bytes()
+        return distributed.gather_bytes(data)
+
+    def _write_rng_states(self, directory: Path, gathered: list[bytes] | None) -> None:
+        if self.args.world_size <= 1:
+            super()._save_rng_state(str(directory))
+            return
+        for index, data in enumerate(gathered or []):  # rank 0 holds them all
+            (directory / f"rng_state_{index}.pth").write_bytes(data)
+
     def _can_write_in_background(self) -> bool:
         # Sharded states (DeepSpeed, FSDP) are gathered with collectives: Trainer's own path.
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -142,8 +166,10 @@ class CheckpointingTrainer(Trainer):
         """At the step boundary: wait for the previous commit, copy the state into CPU
         buffers, write the small files; the big ones and the commit go to the writer."""
         self.writer.wait()  # one checkpoint in flight; raises if the previous one failed
+        # Collectives under DDP, in the order every rank makes them.
         if self.hp_search_backend is None and trial is None:
-            self.store_flos()  # a collective under DDP: every rank must take part
+            self.store_flos()
+        rng_states = self._gathered_rng_states()
         if not self.args.should_save:
             return  # DDP: every rank holds the same state, rank 0 writes it
         root = Path(self._get_output_dir(trial=trial))
@@ -181,7 +207,7 @@ class CheckpointingTrainer(Trainer):
                 self.state.best_model_checkpoint = str(best)
         self._export_callback_state()
         try:
-            self._save_rng_state(str(partial))
+            self._write_rng_states(partial, rng_states)
             self._save_scaler(str(partial))
             self.state.save_to_json(str(partial / "trainer_state.json"))
             (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")

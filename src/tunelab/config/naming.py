@@ -67,10 +67,25 @@ def run_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
     """The run directory's name: the run name, plus a unique suffix when `resume=never` asks
     for a fresh directory (the same within one process, so a sweep's jobs share it)."""
     name = run_name(overrides)
-    return f"{name}@{_FRESH_SUFFIX}" if str(resume) == "never" else name
+    return f"{name}@{_fresh_suffix()}" if str(resume) == "never" else name
 
 
-_FRESH_SUFFIX = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+_FRESH_SUFFIX: str | None = None
+
+
+def _fresh_suffix() -> str:
+    """When this process started, and its pid; under torchrun rank 0's, so that every rank
+    names the same directory."""
+    global _FRESH_SUFFIX
+    if _FRESH_SUFFIX is None:
+        from tunelab import distributed
+
+        own = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(_STARTED))}-{os.getpid()}"
+        _FRESH_SUFFIX = distributed.share("fresh-suffix", lambda: own)
+    return _FRESH_SUFFIX
+
+
+_STARTED = time.time()
 
 # Set by the sweep callback before any job starts (and inherited by launcher workers): the
 # sweep directory's name and the keys the sweep varies.

@@ -90,8 +90,11 @@ def exit_on_problems(problems: list[str]) -> None:
 
 
 def fail(problems: list[str]) -> NoReturn:
-    for p in problems:
-        print(f"tunelab: config error: {p}", file=sys.stderr)
+    from tunelab import distributed
+
+    if distributed.is_main():  # under torchrun every rank finds the same problems
+        for p in problems:
+            print(f"tunelab: config error: {p}", file=sys.stderr)
     raise SystemExit(2)
 
 

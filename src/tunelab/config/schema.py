@@ -106,6 +106,7 @@ class TrainingSchema:
     precision: Annotated[str, Rule(choices=("auto", "fp32", "bf16", "fp16"))]
     device: Annotated[str, Rule(choices=("auto", "cpu", "cuda"))]
     num_workers: Annotated[int, Rule(min=0, max=1024)]
+    find_unused_parameters: bool
     progress_bar: bool
 
 

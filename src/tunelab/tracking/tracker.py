@@ -386,6 +386,15 @@ def log_inputs(
     )
 
 
+def log_processes(tracker: Tracker, params: dict[str, Any]) -> None:
+    """How many processes trained, the global batch size and the backend, as params; a resume
+    (its params are set) notes the processes it ran with as a tag, as a resume may change them."""
+    if tracker.continued:
+        tracker.set_tags({"tunelab.resumed_with." + k: str(v) for k, v in params.items()})
+    else:
+        tracker.log_params({k: str(v) for k, v in params.items()})
+
+
 def log_outcome(tracker: Tracker, objective: str, direction: str) -> None:
     tracker.set_tags({"tunelab.objective": objective, "tunelab.objective_direction": direction})
 

@@ -1,0 +1,164 @@
+"""DDP through a real torchrun with 2 processes (gloo on CPU): one run directory, one MLflow
+run, one artifact; async checkpoints holding every rank's RNG state; kill -9 of the process
+group and SIGTERM, then the identical command, ending bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Workspace, committed_steps, env, new_workspace, runs_of, tiny, wait_for
+from tunelab import artifacts
+
+pytestmark = pytest.mark.slow
+
+# 30 steps of the tiny model, a checkpoint every 5 (asynchronous, the default).
+COMMAND = [
+    "training.max_steps=30",
+    "training.eval_every=10",
+    "training.log_every=5",
+    "checkpoint=steps",
+    "checkpoint.every=5",
+    "checkpoint.keep=2",
+]
+# Each commit takes at least this long: a kill or a signal sent on seeing checkpoint N lands
+# before the run can pass step N + 5 (the next checkpoint waits for the commit).
+SLOW_COMMITS = {"TUNELAB_TEST_COMMIT_DELAY": "0.5"}
+
+
+def torchrun(ws: Workspace, *overrides: str, **extra_env: str) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=2 -m tunelab train ...` in its own process
+    group (so the test can kill the whole group, as a scheduler would)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tunelab",
+            "train",
+            *ws.base(),
+            *tiny(*COMMAND, *overrides),
+        ],  # fmt: skip
+        cwd=ws.root,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_everything(proc: subprocess.Popen) -> None:
+    """kill -9 of torchrun and every worker at once, as a scheduler or the OOM killer would
+    (torchrun starts each worker in a session of its own: killing its group is not enough)."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def finish(proc: subprocess.Popen, code: int = 0) -> str:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == code, out[-4000:]
+    return out
+
+
+def the_run_dir(ws: Workspace) -> Path:
+    (run_dir,) = ws.run_dirs()  # one directory, however many ranks
+    return run_dir
+
+
+def weights_digest(run_dir: Path) -> str:
+    return hashlib.sha256((run_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, empty_store) -> tuple[Workspace, str]:
+    """An uninterrupted 2-process run, and what it printed."""
+    ws = new_workspace(tmp_path_factory.mktemp("straight"), empty_store)
+    return ws, finish(torchrun(ws))
+
+
+def test_two_processes_make_one_run_one_directory_one_artifact(straight):
+    ws, out = straight
+    run_dir = the_run_dir(ws)
+    assert artifacts.verify_manifest(run_dir / "model") == []
+    assert artifacts.read_manifest(run_dir / "model")["step"] == 30
+    # Only rank 0 speaks: one summary, no second rank's "not uploaded".
+    assert out.count("tunelab: run finished") == 1, out[-3000:]
+    assert "not uploaded" not in out and "Traceback" not in out
+    client, (run,) = runs_of(ws)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["parallel.world_size"] == "2"
+    batch = int(params["training.batch_size"])
+    assert params["parallel.global_batch_size"] == str(2 * batch)
+    assert params["parallel.backend"] == "gloo"
+    assert artifacts.read_manifest(run_dir / "model")["mlflow_run_id"] == run.info.run_id
+    # Every rank's RNG state is in each (asynchronously written) checkpoint, under its manifest.
+    for step in committed_steps(run_dir / "checkpoints"):
+        checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
+        assert artifacts.verify_manifest(checkpoint) == []
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+
+def test_sigterm_then_kill_9_of_the_group_then_the_same_command_ends_bit_identical(
+    straight, tmp_path, empty_store
+):
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    # 1. SIGTERM to torchrun: every rank checkpoints at the same step and stops; KILLED.
+    proc = torchrun(ws, **SLOW_COMMITS)
+    wait_for(lambda: 5 in committed_steps(ws.checkpoints()), proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    stopped_at = max(committed_steps(ws.checkpoints()))
+    assert 5 < stopped_at < 30, out[-3000:]
+    assert out.count("run the same command again to resume") == 1, out[-3000:]
+    client, (run,) = runs_of(ws)
+    assert run.info.status == "KILLED"
+
+    # 2. The same command resumes; kill -9 of every process after a later commit.
+    proc = torchrun(ws, **SLOW_COMMITS)
+    wait_for(lambda: max(committed_steps(ws.checkpoints())) > stopped_at, proc)
+    kill_everything(proc)
+    killed_at = max(committed_steps(ws.checkpoints()))
+    assert killed_at < 30
+
+    # 3. Once more: it finishes in the same MLflow run, bit-identical to the straight run.
+    out = finish(torchrun(ws))
+    assert f"checkpoint-{killed_at}" in out
+    client, (again,) = runs_of(ws)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert int(again.data.tags["tunelab.resumes"]) == 2
+    assert weights_digest(the_run_dir(ws)) == weights_digest(the_run_dir(straight[0]))
+
+
+def test_a_rank_that_dies_takes_the_other_down_with_one_line(tmp_path, empty_store):
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    proc = torchrun(ws, **SLOW_COMMITS)
+    wait_for(lambda: 5 in committed_steps(ws.checkpoints()), proc)
+    workers = [p for p in psutil.Process(proc.pid).children() if "tunelab" in " ".join(p.cmdline())]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.kill()
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    lines = [line for line in out.splitlines() if "another process of this run stopped" in line]
+    assert len(lines) == 1, out[-4000:]
+    assert lines[0].startswith("tunelab: rank 0:"), lines
+    client, (run,) = runs_of(ws)
+    assert run.info.status in ("FAILED", "KILLED")
+    # What was committed resumes.
+    steps = committed_steps(ws.checkpoints())
+    out = finish(torchrun(ws))
+    assert f"checkpoint-{max(steps)}" in out
