@@ -144,6 +144,25 @@ def test_sigterm_then_kill_9_of_the_group_then_the_same_command_ends_bit_identic
     assert weights_digest(the_run_dir(ws)) == weights_digest(the_run_dir(straight[0]))
 
 
+def test_accelerate_launch_trains_the_same_way(tmp_path, empty_store):
+    # `accelerate launch --multi_gpu` starts torchrun's workers; on a machine without GPUs they
+    # train with gloo on the CPU.
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+         "--mixed_precision=no", "--dynamo_backend=no", "-m", "tunelab", "train", *ws.base(),
+         *tiny("checkpoint=steps", "checkpoint.every=4")],  # fmt: skip
+        cwd=ws.root, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("tunelab: run finished") == 1
+    checkpoint = the_run_dir(ws) / "checkpoints" / "checkpoint-8"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+    client, (run,) = runs_of(ws)
+    assert run.info.status == "FINISHED" and run.data.params["parallel.world_size"] == "2"
+
+
 def test_a_rank_that_dies_takes_the_other_down_with_one_line(tmp_path, empty_store):
     ws = new_workspace(tmp_path / "ws", empty_store)
     proc = torchrun(ws, **SLOW_COMMITS)

@@ -297,6 +297,13 @@ def test_failing_run_is_marked_failed(workspace):
     assert not (workspace.run_dirs()[0] / "model").exists()
 
 
+def test_fsdp_without_gpus_is_one_line(workspace):
+    # FSDP runs on CUDA GPUs only: asked for on this CPU machine, it is refused, not ignored.
+    result = workspace.train("training.fsdp=true", "checkpoint=none", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "training.fsdp: true needs CUDA GPUs" in result.stderr, result.stderr
+
+
 def test_steps_checkpoints_keep_exactly_two_loadable(workspace):
     workspace.train(
         "checkpoint=steps", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.keep_best=false"

@@ -59,9 +59,10 @@ def save_final(
     tokenizer: Any,
     resolved_config: str,
     info: ArtifactInfo,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write the artifact to `out_dir` atomically and return it. `info` goes into the manifest
-    and the model card."""
+    and the model card; `state_dict`: the full weights when `model` holds only a shard (FSDP)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +74,7 @@ def save_final(
         info = replace(info, peft=save_adapter(model, tmp / ADAPTER_DIR))
         model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuses NaN weights
         info = replace(info, parameters=sum(p.numel() for p in model.parameters()))
-    model.save_pretrained(tmp)  # safetensors (transformers 5 writes nothing else)
+    model.save_pretrained(tmp, state_dict=state_dict)  # safetensors, nothing else
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG).write_text(resolved_config, encoding="utf-8")
     (tmp / "README.md").write_text(model_card(info), encoding="utf-8")

@@ -262,3 +262,11 @@ def generate(path: str, prompt: str, max_new_tokens: int = 16) -> str:
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     return str(tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def full_state_dict(trainer: Any) -> dict[str, Any] | None:
+    """Under FSDP the full weights, gathered on rank 0 (a collective: every rank calls this);
+    None otherwise (the model itself holds them)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)

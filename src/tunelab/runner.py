@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,7 +104,8 @@ def _run(
             tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)
 
             extra = [TrackingCallback(tracker), stopper, *callbacks]
-            trainer = _trainer(cfg, run_dir, model, tokenizer, task, prepared, rows, tracker, extra)
+            args = training_arguments(cfg, run_dir, has_eval=prepared.eval is not None)
+            trainer = _trainer(cfg, args, model, tokenizer, task, prepared, rows, tracker, extra)
             tracking.log_processes(tracker, distributed.parameters(trainer.args))
             train_out = trainer.train(
                 resume_from_checkpoint=str(resume_from) if resume_from else None
@@ -134,8 +135,10 @@ def _run(
                 labels=models.label_names(model),
             )
             artifact = run_dir / "model"
+            weights = models.full_state_dict(trainer)  # FSDP: gathered from every rank
             if main_process:
-                artifacts.save_final(artifact, model, tokenizer, OmegaConf.to_yaml(resolved), info)
+                yaml = OmegaConf.to_yaml(resolved)
+                artifacts.save_final(artifact, model, tokenizer, yaml, info, weights)
             tracker.log_model(artifact, final, trainer.state.global_step)
             if (run_dir / ".hydra").is_dir():
                 tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
@@ -236,7 +239,7 @@ def _already_finished(
 
 def _trainer(
     cfg: DictConfig,
-    run_dir: Path,
+    args: Any,
     model: Any,
     tokenizer: Any,
     task: ModuleType,
@@ -249,7 +252,7 @@ def _trainer(
 
     return CheckpointingTrainer(
         model=model,
-        args=training_arguments(cfg, run_dir, has_eval=prepared.eval is not None),
+        args=args,
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         data_collator=task.collator(tokenizer),
@@ -275,6 +278,13 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
             ["training.device: cuda, but this machine has no CUDA device; use auto or cpu"]
         )
     cuda = t.device != "cpu" and torch.cuda.is_available()
+    if t.fsdp and not cuda:
+        raise config.ConfigError(
+            [
+                "training.fsdp: true needs CUDA GPUs (FSDP does not run on CPU); use DDP there "
+                "(training.fsdp=false, the default)"
+            ]  # fmt: skip
+        )
     bf16 = t.precision == "bf16" or (
         t.precision == "auto" and cuda and torch.cuda.is_bf16_supported()
     )
@@ -299,6 +309,10 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
         use_cpu=not cuda,
         dataloader_num_workers=t.num_workers,
         ddp_find_unused_parameters=t.find_unused_parameters,
+        fsdp=t.fsdp,
+        fsdp_config=cast("dict[str, Any]", OmegaConf.to_container(t.fsdp_config))
+        if t.fsdp
+        else None,
         log_level_replica="error",  # under torchrun rank 0 alone speaks
         dataloader_pin_memory=cuda,
         disable_tqdm=not t.progress_bar,

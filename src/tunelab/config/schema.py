@@ -107,6 +107,8 @@ class TrainingSchema:
     device: Annotated[str, Rule(choices=("auto", "cpu", "cuda"))]
     num_workers: Annotated[int, Rule(min=0, max=1024)]
     find_unused_parameters: bool
+    fsdp: bool
+    fsdp_config: dict
     progress_bar: bool
 
 
