@@ -72,15 +72,16 @@ def step_timer() -> Any:
     return StepTimer()
 
 
-def run_tunelab(overrides: list[str], root: Path, timer: Any = None) -> float:
-    """Steps/s of a real tunelab run (default tracking into a sqlite store, checkpoints)."""
+def run_tunelab(overrides: list[str], root: Path, timer: Any = None, extra: Any = ()) -> float:
+    """Steps/s of a real tunelab run (default tracking into a sqlite store, checkpoints);
+    `extra`: more Trainer callbacks."""
     from tunelab import config, runner
 
     timer = timer or step_timer()
     cfg = config.compose(
         [*overrides, f"output.root={root / 'outputs'}", f"tracking.uri=sqlite:///{root / 'm.db'}"]
     )
-    runner.run(cfg, root / "run", overrides, callbacks=[timer])
+    runner.run(cfg, root / "run", overrides, callbacks=[timer, *extra])
     return float(timer.steps_per_s)
 
 
@@ -113,6 +114,7 @@ def run_plain(
         use_cpu=True,
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        ddp_find_unused_parameters=False,
         seed=cfg.seed,
     )
     timer = timer or step_timer()
@@ -162,6 +164,99 @@ def throughput(reps: int, steps: int) -> dict:
         "ratio_tunelab_vs_plain_max": max(paired),
         "ratio_plain_checkpointing_vs_plain": med(paired_ckpt),
         "targets": {"ratio_tunelab_vs_plain": ">= 0.95"},
+    }
+
+
+def save_timer() -> Any:
+    """A TrainerCallback measuring how long each checkpoint blocks the training loop: from the
+    end of its step (`on_step_end`) to `on_save`, which Trainer calls once `_save_checkpoint`
+    has returned."""
+    from transformers import TrainerCallback
+
+    class SaveTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_end = 0.0
+            self.stalls: list[float] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step_end = time.perf_counter()
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.stalls.append(time.perf_counter() - self.step_end)
+
+    return SaveTimer()
+
+
+def ddp_child(mode: str, root: str, steps: str, out: str) -> None:
+    """One side of the DDP comparison, inside torchrun: rank 0 writes steps/s, how long each
+    checkpoint blocked the loop, and the time of an in-memory copy of the state to `out`."""
+    import torch
+
+    base = [*model_overrides(), f"training.max_steps={steps}"]
+    timer, saves = step_timer(), save_timer()
+    if mode == "plain":
+        speed = run_plain(base, Path(root), timer=timer)
+    else:
+        overrides = [*base, "checkpoint=steps", "checkpoint.every=10", "checkpoint.keep=2"]
+        speed = run_tunelab(overrides, Path(root), timer=timer, extra=[saves])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    copy_s = 0.0
+    if mode == "tunelab":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(Path(root) / "run" / "model")
+        adam = [(torch.zeros_like(p), torch.zeros_like(p)) for p in model.parameters()]
+        began = time.perf_counter()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.update({f"adam.{i}": (a.clone(), b.clone()) for i, (a, b) in enumerate(adam)})
+        copy_s = time.perf_counter() - began
+    result = {"steps_per_s": speed, "stalls": saves.stalls, "copy_s": copy_s}
+    Path(out).write_text(json.dumps(result))
+
+
+def ddp(reps: int, steps: int) -> dict:
+    """2 processes (torchrun, gloo on the CPU): plain Trainer DDP with neither tracking nor
+    checkpoints against tunelab DDP with tracking and a checkpoint every 10 steps, paired within
+    each repetition as `throughput` is; and tunelab's checkpoint stall under DDP against an
+    in-memory copy of the same state (weights plus Adam moments). Both sides use
+    ddp_find_unused_parameters=False (tunelab's default)."""
+    import subprocess
+
+    speed: dict[str, list[float]] = {"plain": [], "tunelab": []}
+    stalls: list[float] = []
+    first: list[float] = []
+    copies: list[float] = []
+    for rep in range(reps):
+        for mode in ("plain", "tunelab") if rep % 2 == 0 else ("tunelab", "plain"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "result.json"
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", __file__, "--ddp-child", mode, tmp,
+                           str(steps), str(out)]  # fmt: skip
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+                result = json.loads(out.read_text())
+            speed[mode].append(result["steps_per_s"])
+            if mode == "tunelab":
+                first.extend(result["stalls"][:1])  # allocates the snapshot buffers
+                stalls.extend(result["stalls"][1:])
+                copies.append(result["copy_s"])
+        print(f"  rep {rep + 1}/{reps}: " + "  ".join(f"{n} {v[-1]:.3f}" for n, v in speed.items())
+              + " steps/s", flush=True)  # fmt: skip
+    med = statistics.median
+    paired = [t / p for t, p in zip(speed["tunelab"], speed["plain"], strict=True)]
+    stall = med(stalls)
+    return {
+        "plain_ddp_steps_per_s": med(speed["plain"]),
+        "tunelab_ddp_steps_per_s": med(speed["tunelab"]),
+        "ratio_tunelab_vs_plain_ddp": med(paired),
+        "ratio_tunelab_vs_plain_ddp_min": min(paired),
+        "checkpoint_stall_s": stall,
+        "first_checkpoint_stall_s": med(first),
+        "memory_copy_s": med(copies),
+        "ratio_stall_vs_memory_copy": max(stall, 0.0) / med(copies),
+        "targets": {"ratio_tunelab_vs_plain_ddp": ">= 0.95", "ratio_stall_vs_memory_copy": "<= 2"},
     }
 
 
@@ -537,7 +632,7 @@ def data_preparation(rows: int, reps: int) -> dict:
 
 
 SECTIONS = ("cli_latency", "throughput", "checkpoint_stall", "tracking_and_artifacts",
-            "data_preparation")  # fmt: skip
+            "data_preparation", "ddp")  # fmt: skip
 
 
 def main() -> None:
@@ -546,9 +641,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--data-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-child", nargs=4, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.data_child:
         data_child(*opts.data_child)
+        return
+    if opts.ddp_child:
+        ddp_child(*opts.ddp_child)
         return
     only = set(opts.only.split(",")) if opts.only else set(SECTIONS)
     if only - set(SECTIONS):
@@ -576,6 +675,9 @@ def main() -> None:
         rows = 300_000 if opts.full else 30_000
         print(f"data preparation: {rows} rows, tunelab vs by hand with datasets ...", flush=True)
         report["data_preparation"] = data_preparation(rows, reps=2)
+    if "ddp" in only:
+        print("DDP, 2 processes (gloo): plain Trainer DDP vs tunelab DDP ...", flush=True)
+        report["ddp"] = ddp(reps, 60 if opts.full else 30)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["| measure | value | target | met |", "| --- | --- | --- | --- |"]
