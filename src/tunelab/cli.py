@@ -118,6 +118,7 @@ def train_job(cfg: DictConfig) -> float | None:
 
     from tunelab import config, distributed, runner, sweeps
 
+    distributed.from_slurm_tasks()
     distributed.quiet_replicas()
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN

@@ -30,6 +30,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def from_slurm_tasks() -> None:
+    """A job of Hydra's submitit_slurm launcher with several tasks (`tasks_per_node`, nodes):
+    every task runs the job, so export torch.distributed's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, and the tasks train as one DDP run."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # Each task keeps every GPU of its node visible: Trainer picks cuda:LOCAL_RANK.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def follow_launcher() -> None:
     """Under torchrun (Linux): SIGTERM to this worker when torchrun dies, however it dies. A
     kill -9 of torchrun alone would otherwise leave its workers training on as orphans (each
