@@ -83,7 +83,9 @@ def _run(
     if prepared.truncated_rows:
         tags = {**tags, "tunelab.data.truncated_rows": str(prepared.truncated_rows)}
     with StopOnSignal() as stopper:
-        with stopper.deferred():  # a signal now takes effect once the run is recorded
+        # A signal now takes effect once the run is recorded (rank 0; the other ranks, waiting
+        # for rank 0's run id, stop at once: rank 0 may be gone).
+        with stopper.deferred() if main_process else contextlib.nullcontext():
             previous = record.get("mlflow_run_id")
             tracker = (
                 tracking.start(cfg, name, tags, resolved, overrides, previous)
