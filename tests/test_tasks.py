@@ -235,24 +235,10 @@ def test_checkpoint_metrics_follow_the_task(task, metric, ok):
     assert (problems == []) == ok, problems
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_inputs_with_label_names(classifier, tmp_path):
     """The Logged Model, served by `mlflow models serve`, takes {"inputs": [...]}."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from tests.conftest import env
+    from tests.conftest import invoke, served_model
 
     tmp, result = classifier
     uri = f"sqlite:///{tmp / 'm.db'}"
@@ -260,36 +246,7 @@ def test_mlflow_models_serve_answers_inputs_with_label_names(classifier, tmp_pat
     (model,) = client.search_logged_models(
         experiment_ids=[client.get_run(result.run_id).info.experiment_id]
     )
-    port = free_port()
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
-         f"models:/{model.model_id}", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        # The scoring server runs `uvicorn` from the environment's bin directory.
-        env={**env(), "MLFLOW_TRACKING_URI": uri,
-             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(server.stderr.read()[-3000:]) from None
-                time.sleep(1)
-        body = json.dumps({"inputs": ["the film was awful", "a superb story"]}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with served_model(f"models:/{model.model_id}", uri, tmp_path) as url:
+        answer = invoke(url, {"inputs": ["the film was awful", "a superb story"]})
     labels = [p["label"] for p in answer["predictions"]]
     assert labels == ["negative", "positive"], answer
