@@ -21,7 +21,7 @@ CASES = [
     (["training.lrr=1"], ["training.lrr: unknown key (did you mean training.lr?)"]),
     (["model.arch.n_embdd=3"], ["model.arch.n_embdd: unknown key (did you mean model.arch.n_embd?)"]),
     (["chekpoint=steps"], ["chekpoint: unknown key (did you mean checkpoint?)"]),
-    (["data=text_files", "data.train=x.jsonl", "data.digits=2"], ["data.digits: unknown key; allowed: completion_column, eval, eval_fraction, label_column, max_length"]),
+    (["data=text_files", "data.train=x.jsonl", "data.digits=2"], ["data.digits: unknown key; allowed: cache_max_age_days, cache_max_gb, completion_column, eval, eval_fraction"]),
     (["checkpoint=stepz"], ["checkpoint=stepz: no such option (did you mean checkpoint=steps?); options: best, epoch, none, steps"]),
     (["training.lr=[1,"], ["'training.lr=[1,': not a valid override"]),
     (["training.lr=-1", "checkpoint.keep=0"], ["training.lr: -1 must be greater than 0.0", "checkpoint.keep: 0 is below the minimum 1"]),
