@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import TINY, Workspace, env, tunelab
 from tunelab import artifacts, checkpoints, cli, config, data, locks
+from tunelab.data.cache import cached_entries
 from tunelab.tasks import causal_lm
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +181,9 @@ def test_a_bad_data_file_leaves_no_run_directory_and_no_mlflow_run(tmp_path):
         == f"tunelab: config error: data.train: {path} line 2: 'text' is null, not text; every row needs a string there"
     )
     assert "Traceback" not in proc.stderr
-    assert not [p for p in out.rglob("*") if p.is_dir() and p.parent.name == "tunelab"]
+    assert not list((out / "tunelab").glob("*"))  # no run directory
+    read = cached_entries(out / ".cache" / "datasets")
+    assert [e.kind for e in read] == ["json"]  # the file was read, nothing prepared from it
     assert not (tmp_path / "m.db").exists()
 
 
