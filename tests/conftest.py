@@ -76,6 +76,15 @@ def tiny(*overrides: str) -> list[str]:
     return [*(o for o in TINY if o.split("=", 1)[0] not in keys), *overrides]
 
 
+def files_cfg(path: Path, **extra: object):
+    """The composed `data` config reading `path` with `data=text_files` (and data.KEY=VALUE for
+    each of `extra`)."""
+    from tunelab import config
+
+    overrides = ["data=text_files", f"data.train={path}"]
+    return config.compose([*overrides, *(f"data.{k}={v}" for k, v in extra.items())]).data
+
+
 # ---------------------------------------------------------------------------------------------
 # Real processes.
 
