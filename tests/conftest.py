@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -73,6 +74,15 @@ def tiny(*overrides: str) -> list[str]:
     per key on the command line, and in the run's name)."""
     keys = {o.split("=", 1)[0] for o in overrides}
     return [*(o for o in TINY if o.split("=", 1)[0] not in keys), *overrides]
+
+
+def files_cfg(path: Path, **extra: object):
+    """The composed `data` config reading `path` with `data=text_files` (and data.KEY=VALUE for
+    each of `extra`)."""
+    from tunelab import config
+
+    overrides = ["data=text_files", f"data.train={path}"]
+    return config.compose([*overrides, *(f"data.{k}={v}" for k, v in extra.items())]).data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +224,49 @@ def mlflow_server() -> Iterator[str]:
     else:
         pytest.fail("mlflow server did not start")
     yield server.url
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, store_uri: str, cwd: Path) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` (a Logged Model of the store `store_uri`) in a real
+    process on a free loopback port: yields its URL once /ping answers, stops it after."""
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    server = subprocess.Popen(
+        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri,
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        # The scoring server runs `uvicorn` from the environment's bin directory.
+        env={**env(), "MLFLOW_TRACKING_URI": store_uri,
+             "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    raise AssertionError(server.communicate()[1][-3000:]) from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def invoke(url: str, payload: dict) -> dict:
+    """POST `payload` to a scoring server's /invocations; its JSON answer."""
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TINY, env, new_workspace, run_cli
+from tests.conftest import TINY, env, files_cfg, new_workspace, run_cli
 from tunelab import artifacts, config, data
 from tunelab.tasks import causal_lm
 
@@ -21,7 +21,7 @@ CASES = [
     (["training.lrr=1"], ["training.lrr: unknown key (did you mean training.lr?)"]),
     (["model.arch.n_embdd=3"], ["model.arch.n_embdd: unknown key (did you mean model.arch.n_embd?)"]),
     (["chekpoint=steps"], ["chekpoint: unknown key (did you mean checkpoint?)"]),
-    (["data=text_files", "data.train=x.jsonl", "data.digits=2"], ["data.digits: unknown key; allowed: completion_column, eval, eval_fraction, label_column, max_length"]),
+    (["data=text_files", "data.train=x.jsonl", "data.digits=2"], ["data.digits: unknown key; allowed: cache_max_age_days, cache_max_gb, completion_column, eval, eval_fraction"]),
     (["checkpoint=stepz"], ["checkpoint=stepz: no such option (did you mean checkpoint=steps?); options: best, epoch, none, steps"]),
     (["training.lr=[1,"], ["'training.lr=[1,': not a valid override"]),
     (["training.lr=-1", "checkpoint.keep=0"], ["training.lr: -1 must be greater than 0.0", "checkpoint.keep: 0 is below the minimum 1"]),
@@ -107,13 +107,6 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
     assert config.validate(allowed) == []
 
 
-def _files_cfg(path: Path, **extra: object):
-    overrides = ["data=text_files", f"data.train={path}"] + [
-        f"data.{k}={v}" for k, v in extra.items()
-    ]
-    return config.compose(overrides).data
-
-
 DATA_CASES = [
     ("empty.jsonl", b"", "is empty (no rows)"),
     ("blank.txt", b"\n\n", "is empty (no rows)"),
@@ -132,7 +125,7 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, expected
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(data.DataError) as caught:
-        data.load(_files_cfg(path), tmp_path / "cache")
+        data.load(files_cfg(path), tmp_path / "cache")
     (line,) = caught.value.problems
     assert line.startswith(f"data.train: {path}") and expected in line, line
 
@@ -143,7 +136,7 @@ def test_long_rows_are_counted_and_truncated_or_refused(tmp_path, caplog):
     path = tmp_path / "rows.jsonl"
     rows = [{"text": "x" * n} for n in (5, 50, 60, 8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _files_cfg(path, max_length=20, eval_fraction=0)
+    cfg = files_cfg(path, max_length=20, eval_fraction=0)
     loaded = data.load(cfg, tmp_path / "cache")
     tok = models.train_tokenizer(loaded.texts())
     with caplog.at_level("WARNING", logger="tunelab"):

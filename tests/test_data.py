@@ -5,18 +5,22 @@ raced, conversations train on the assistant's tokens only, bad files are one lin
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, env
-from tunelab import config, data, runner
+from tests.conftest import REPO, TINY, env, run_cli
+from tunelab import config, data, locks, runner
 from tunelab import model as models
+from tunelab.data import cache as data_cache
 from tunelab.tasks import causal_lm
 
 ROWS = [
@@ -398,6 +402,181 @@ def test_processes_preparing_the_same_data_build_it_once(tmp_path):
     assert not list(
         (tmp_path / "out" / ".cache" / "datasets" / "tunelab").glob("*/.*")
     )  # no leftovers
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning: the least recently used entries go, never one a process holds
+
+DAY = 86400.0
+
+
+def _prepare_into(cache: Path, path: Path) -> set[Path]:
+    """`path` read and tokenized into `cache` as a run prepares it; returns the entries this
+    added (the Arrow files `datasets` read it into, the tokenized splits), no longer held."""
+    before = {e.path for e in data_cache.cached_entries(cache)}
+    cfg = _cfg(path, "data.max_length=16")
+    rows = data.load(cfg, cache)
+    prepared = causal_lm.prepare(rows, models.train_tokenizer(["some text"]), cfg)
+    assert rows.holding is not None and len(rows.holding.locks) == 2
+    del rows, prepared
+    gc.collect()  # the rows are gone: their entries are no longer held
+    return {e.path for e in data_cache.cached_entries(cache)} - before
+
+
+def _age(paths: set[Path], days: float) -> None:
+    then = time.time() - days * DAY
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+HOLDER = """
+import sys
+from tunelab import config, data
+from tunelab import model as models
+from tunelab.tasks import causal_lm
+path, cache = sys.argv[1:]
+cfg = config.compose(["data=text_files", f"data.train={path}", "data.eval_fraction=0",
+                      "data.max_length=16"]).data
+rows = data.load(cfg, cache)
+prepared = causal_lm.prepare(rows, models.train_tokenizer(["some text"]), cfg)
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_pruning_removes_least_recently_used_entries_never_one_in_use(tmp_path):
+    cache = tmp_path / "cache"
+    files = {
+        name: _write(
+            tmp_path / f"{name}.jsonl", [{"text": f"{name} {i}"} for i in range(40)], "jsonl"
+        )
+        for name in ("a", "b", "c")
+    }
+    owned = {name: _prepare_into(cache, path) for name, path in files.items()}
+    for name in owned:
+        assert sorted(p.relative_to(cache).parts[0] for p in owned[name]) == ["json", "tunelab"]
+    size = {e.path: e.size for e in data_cache.cached_entries(cache)}
+    for name, days in (("a", 40), ("b", 10), ("c", 1)):
+        _age(owned[name], days)
+
+    # By size: the least recently used go until the rest fit.
+    fits = sum(size[p] for p in owned["b"] | owned["c"])
+    removed = data_cache.prune(cache, data.Limits(max_bytes=fits))
+    assert {e.path for e in removed} == owned["a"]
+    assert not any(p.exists() for p in owned["a"])
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(files["b"]), str(cache)],
+                              env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding", holder.communicate()
+        _age(owned["b"], 10)  # the holder used them just now: old again, and still held
+        assert all(data_cache.in_use(cache, p) for p in owned["b"])
+        # By age: b is unused for 10 days, but another process holds it.
+        assert data_cache.prune(cache, data.Limits(max_age_s=5 * DAY)) == []
+        # Everything: what is not held goes.
+        removed = data_cache.prune(cache, data.Limits(max_bytes=0))
+        assert {e.path for e in removed} == owned["c"]
+        assert all(p.is_dir() for p in owned["b"])
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=120) == 0
+    assert not any(data_cache.in_use(cache, p) for p in owned["b"])  # the kernel let go
+    removed = data_cache.prune(cache, data.Limits(max_age_s=5 * DAY))
+    assert {e.path for e in removed} == owned["b"]
+    # Their lock files went with them (tunelab's and datasets'): no file is left at all.
+    assert data_cache.cached_entries(cache) == []
+    assert [p for p in cache.rglob("*") if not p.is_dir()] == []
+    assert len(_prepare_into(cache, files["a"])) == 2  # built again when needed
+
+
+def test_a_run_that_adds_to_the_cache_prunes_it_to_its_limits(tmp_path, caplog):
+    cache = tmp_path / "out" / ".cache" / "datasets"
+    runs = {}
+    for name in ("old", "new", "newest"):
+        rows = [{"prompt": f"{name} {i}+", "completion": str(i)} for i in range(60)]
+        runs[name] = _write(tmp_path / f"{name}.jsonl", rows, "jsonl")
+    first = _tiny(tmp_path, runs["old"])
+    runner.run(config.compose(first), tmp_path / "run1", first)
+    old = {e.path for e in data_cache.cached_entries(cache)}
+    assert sorted(e.kind for e in data_cache.cached_entries(cache)) == [
+        "json",
+        "tokenized",
+        "tokenizers",
+    ]
+    _age(old, 40)  # unused for longer than the default 30 days
+
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        second = _tiny(tmp_path, runs["new"])
+        runner.run(config.compose(second), tmp_path / "run2", second)
+    assert not any(p.exists() for p in old)
+    assert caplog.text.count("data: pruned the cached") == 3
+    new = {e.path for e in data_cache.cached_entries(cache)}
+    assert len(new) == 3
+
+    # At most 0 GB: every entry not in use goes, the run's own ones stay while it runs.
+    gc.collect()  # the second run's rows are gone: its entries are no longer held
+    third = _tiny(tmp_path, runs["newest"], "data.cache_max_gb=0")
+    assert config.run_name(third) == config.run_name(third[:-1])  # the limits name no run
+    result = runner.run(config.compose(third), tmp_path / "run3", third)
+    assert (result.artifact_dir / "manifest.json").is_file()
+    kept = data_cache.cached_entries(cache)
+    assert len(kept) == 3 and not {e.path for e in kept} & new
+
+
+def test_tunelab_cache_lists_and_prunes(tmp_path):
+    cache = tmp_path / "out" / ".cache" / "datasets"
+    path = _write(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(40)], "jsonl")
+    owned = _prepare_into(cache, path)
+    root = ["--root", str(tmp_path / "out")]
+    listed = run_cli("cache", *root, cwd=tmp_path, light=True).stdout.splitlines()
+    assert (
+        listed[0].startswith(f"{cache}: 2 entries, ")
+        and "(at most 20 GB, 30 days unused)" in listed[0]
+    )
+    assert sorted(line.split()[4] for line in listed[1:]) == ["json", "tokenized"]
+    pruned = run_cli("cache", "prune", "--max-gb", "0", *root, cwd=tmp_path, light=True).stdout
+    assert pruned.count("pruned") == 2 and f"{cache}: 0 entries, 0 B" in pruned
+    assert not any(p.exists() for p in owned)
+    bad = run_cli("cache", "prune", "--max-gb", "-1", *root, cwd=tmp_path, check=False, light=True)
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip().splitlines()[-1]
+        == "tunelab cache: error: argument --max-gb: -1 must be a finite number, at least 0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("data.cache_max_gb=-1", "data.cache_max_gb: -1 is below the minimum 0.0"),
+        ("data.cache_max_age_days=x", "data.cache_max_age_days: expected float or null, got 'x'"),
+        ("data.cache_max_gb=inf", "data.cache_max_gb: inf is not a finite number"),
+    ],
+)
+def test_bad_cache_limits_are_config_errors(override, problem):
+    assert config.validate(config.compose([override])) == [problem]
+
+
+def test_a_lock_file_deleted_while_waited_for_is_not_shared(tmp_path):
+    """Pruning deletes an entry's lock files while holding them: a process that waited on the
+    deleted file must lock the path's new one, not hold a lock nobody else can see."""
+    path = tmp_path / "entry.lock"
+    first = locks.Lock(path, "x").acquire()
+    got: list = []
+    waiter = threading.Thread(
+        target=lambda: got.append(locks.Lock(path, "x").acquire(wait=True, shared=True))
+    )
+    waiter.start()
+    time.sleep(0.5)  # it waits on first's file
+    path.unlink()
+    second = locks.Lock(path, "x").acquire()  # the path's new file
+    first.release()
+    waiter.join(1)
+    assert not got  # woke on the deleted file, moved to the new one, waits there
+    second.release()
+    waiter.join(10)
+    assert got
+    got[0].release()
 
 
 def test_train_tokens_come_from_the_length_column(tmp_path):

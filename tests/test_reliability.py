@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from tests.conftest import TINY, Workspace, env, tunelab, wait_for
+from tests.conftest import TINY, Workspace, env, files_cfg, tunelab, wait_for
 from tunelab import artifacts, checkpoints, cli, config, data, locks
+from tunelab.data.cache import cached_entries
 from tunelab.tasks import causal_lm
 
 # ---------------------------------------------------------------------------------------------
@@ -82,10 +83,6 @@ def test_a_sqlite_store_on_a_read_only_filesystem_is_refused_at_once(small_disk,
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
 
 
-def _files_cfg(path: Path):
-    return config.compose(["data=text_files", f"data.train={path}"]).data
-
-
 DATA_CASES = [
     ("null.jsonl", b'{"text": "a"}\n{"text": null}\n', "line 2: 'text' is null, not text"),
     ("list.jsonl", b'{"prompt": "a", "completion": ["b"]}\n', "line 1: 'completion' is list, not text"),
@@ -101,7 +98,7 @@ def test_hostile_data_rows_name_the_file_and_line(tmp_path, name, content, expec
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(data.DataError) as caught:
-        data.load(_files_cfg(path), tmp_path / "cache")
+        data.load(files_cfg(path), tmp_path / "cache")
     (line,) = caught.value.problems
     assert line.startswith(f"data.train: {path}") and expected in line, line
 
@@ -138,7 +135,7 @@ def test_any_file_content_is_rows_or_one_data_error(tmp_path_factory, content, s
 
     path = tmp_path_factory.mktemp("data") / f"train{suffix}"
     path.write_bytes(content)
-    cfg = _files_cfg(path)
+    cfg = files_cfg(path)
     try:
         rows = data.load(cfg, path.parent / "cache")
     except data.DataError as exc:
@@ -180,7 +177,9 @@ def test_a_bad_data_file_leaves_no_run_directory_and_no_mlflow_run(tmp_path):
         == f"tunelab: config error: data.train: {path} line 2: 'text' is null, not text; every row needs a string there"
     )
     assert "Traceback" not in proc.stderr
-    assert not [p for p in out.rglob("*") if p.is_dir() and p.parent.name == "tunelab"]
+    assert not list((out / "tunelab").glob("*"))  # no run directory
+    read = cached_entries(out / ".cache" / "datasets")
+    assert [e.kind for e in read] == ["json"]  # the file was read, nothing prepared from it
     assert not (tmp_path / "m.db").exists()
 
 

@@ -125,7 +125,71 @@ def test_predict_prints_a_label_per_text(classifier, capsys):
     assert [ln.split("\t")[1].split()[0] for ln in lines] == ["negative", "positive"]
 
 
-def test_a_pretrained_encoder_learns_to_tag_entities(minilm, tmp_path):
+# LoRA on a new classification head: a learning rate at which 12 steps move the adapter.
+LORA = ["peft=lora", "training.lr=5e-3"]
+
+
+def assert_the_adapter_holds_the_trained_head(model_dir: Path, base: str, auto_class: str) -> None:
+    """peft's SEQ_CLS / TOKEN_CLS task types train the new head beside the adapter and save it
+    with it (`modules_to_save`): the merged model at the root of model/ has that head, and the
+    adapter on its base, loaded as the model card says, computes the merged model's logits."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter = model_dir / "adapter"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "classifier" in adapter_config["modules_to_save"], adapter_config
+    saved = load_file(adapter / "adapter_model.safetensors")
+    head = {k.removeprefix("base_model.model."): v for k, v in saved.items() if "lora_" not in k}
+    assert sorted(head) == ["classifier.bias", "classifier.weight"]
+    peft = artifacts.read_manifest(model_dir)["peft"]
+    assert peft["trainable_parameters"] == sum(t.numel() for t in saved.values())  # LoRA + head
+
+    auto = getattr(transformers, auto_class)
+    merged = auto.from_pretrained(model_dir).eval()
+    for name, tensor in head.items():
+        assert torch.equal(merged.state_dict()[name], tensor), name
+    card = (model_dir / "README.md").read_text()
+    assert 'config=AutoConfig.from_pretrained("path/to/this/dir")' in card
+    on_base = auto.from_pretrained(base, config=transformers.AutoConfig.from_pretrained(model_dir))
+    adapted = PeftModel.from_pretrained(on_base, adapter).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(["the film was awful", "alice flew to rome"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**ids).logits, merged(**ids).logits)
+
+
+def test_lora_trains_a_classifier_and_its_new_head(minilm, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    result = train(
+        tmp_path, "model=hf", f"model.name_or_path={minilm}", "model.task=sequence_classification",
+        "data=text_files", f"data.train={write_jsonl(tmp_path / 'train.jsonl', sentiment(320, 0))}",
+        f"data.eval={write_jsonl(tmp_path / 'eval.jsonl', sentiment(64, 1))}",
+        "checkpoint=steps", "checkpoint.every=6", "checkpoint.keep=2", *LORA,
+    )  # fmt: skip
+    assert result.metrics["eval_accuracy"] >= 0.9 and result.metrics["eval_f1"] >= 0.9  # chance 0.5
+    assert_the_adapter_holds_the_trained_head(
+        result.artifact_dir, minilm, "AutoModelForSequenceClassification"
+    )
+    answers = pipeline("text-classification", model=str(result.artifact_dir))(
+        ["the film was truly awful", "a wonderful story"]
+    )
+    assert [a["label"] for a in answers] == ["negative", "positive"]
+    # The head trains (it moved between the checkpoints, which hold it for a resume).
+    six, twelve = (
+        load_file(result.run_dir / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
+        for n in (6, 12)
+    )
+    key = "base_model.model.classifier.weight"
+    assert (six[key] - twelve[key]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("peft", [[], LORA], ids=["full", "lora"])
+def test_a_pretrained_encoder_learns_to_tag_entities(minilm, tmp_path, peft):
     from transformers import pipeline
 
     result = train(
@@ -133,7 +197,12 @@ def test_a_pretrained_encoder_learns_to_tag_entities(minilm, tmp_path):
         "data=text_files", "data.text_column=words", "data.label_column=tags",
         f"data.train={write_jsonl(tmp_path / 'train.jsonl', tagging(240, 0))}",
         f"data.eval={write_jsonl(tmp_path / 'eval.jsonl', tagging(48, 1))}", "checkpoint=none",
+        *peft,
     )  # fmt: skip
+    if peft:
+        assert_the_adapter_holds_the_trained_head(
+            result.artifact_dir, minilm, "AutoModelForTokenClassification"
+        )
     assert result.metrics["eval_f1"] >= 0.8, result.metrics
     assert {"eval_precision", "eval_recall", "eval_accuracy"} <= set(result.metrics)
     tagger = pipeline(
@@ -235,24 +304,9 @@ def test_checkpoint_metrics_follow_the_task(task, metric, ok):
     assert (problems == []) == ok, problems
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.mark.slow
 def test_mlflow_models_serve_answers_inputs_with_label_names(classifier, tmp_path):
     """The Logged Model, served by `mlflow models serve`, takes {"inputs": [...]}."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from tests.conftest import env
+    from tests.conftest import invoke, served_model
 
     tmp, result = classifier
     uri = f"sqlite:///{tmp / 'm.db'}"
@@ -260,36 +314,7 @@ def test_mlflow_models_serve_answers_inputs_with_label_names(classifier, tmp_pat
     (model,) = client.search_logged_models(
         experiment_ids=[client.get_run(result.run_id).info.experiment_id]
     )
-    port = free_port()
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
-         f"models:/{model.model_id}", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        # The scoring server runs `uvicorn` from the environment's bin directory.
-        env={**env(), "MLFLOW_TRACKING_URI": uri,
-             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(server.stderr.read()[-3000:]) from None
-                time.sleep(1)
-        body = json.dumps({"inputs": ["the film was awful", "a superb story"]}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with served_model(f"models:/{model.model_id}", uri, tmp_path) as url:
+        answer = invoke(url, {"inputs": ["the film was awful", "a superb story"]})
     labels = [p["label"] for p in answer["predictions"]]
     assert labels == ["negative", "positive"], answer

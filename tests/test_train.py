@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, env, new_workspace, runs_of
+from tests.conftest import TINY, env, invoke, new_workspace, runs_of, served_model
 from tunelab import artifacts
 from tunelab.tasks import causal_lm
 from tunelab.tracking.logged_model import MLFLOW_FILES
@@ -250,6 +250,30 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch,
     pipe = mlflow.transformers.load_model(f"models:/{model.model_id}")
     out = pipe(PROMPT, max_new_tokens=3, do_sample=False)[0]["generated_text"]
     assert out == PROMPT + continuation(local, PROMPT, 3)
+
+
+def test_mlflow_models_serve_continues_inputs_as_greedy_decoding_does(trained, tmp_path):
+    """The Logged Model of a causal LM, served by `mlflow models serve`, answers
+    {"inputs": [...]} with each prompt and its greedy continuation, as the artifact's weights
+    give it here (a text-generation pipeline samples unless told not to); up to the model's
+    context by default (a pipeline's 256 new tokens ran past the 16 positions), or
+    `max_new_tokens` from the request's params."""
+    ws, run_dir, _ = trained
+    client, (run,) = runs_of(ws)
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    prompts = [PROMPT, "99+01="]
+    with served_model(f"models:/{model.model_id}", ws.uri, tmp_path) as url:
+        default = invoke(url, {"inputs": prompts})["predictions"]
+        two = invoke(url, {"inputs": prompts, "params": {"max_new_tokens": 2}})["predictions"]
+        sampled = invoke(url, {"inputs": prompts, "params": {"do_sample": True}})["predictions"]
+    path = run_dir / "model"
+    positions = json.loads((path / "config.json").read_text())["n_positions"]
+    assert json.loads((path / "generation_config.json").read_text())["max_length"] == positions
+    room = [positions - len(greedy(path, p, 0)[0]) for p in prompts]
+    assert default == [p + continuation(path, p, n) for p, n in zip(prompts, room, strict=True)]
+    assert two == [p + continuation(path, p, 2) for p in prompts]
+    assert two != default  # the params reached the pipeline
+    assert [s[: len(p)] for s, p in zip(sampled, prompts, strict=True)] == prompts
 
 
 def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):

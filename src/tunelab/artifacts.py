@@ -333,7 +333,7 @@ Fine-tuned with tunelab (Hugging Face Trainer, configured by Hydra, tracked in M
 
 - Task: {info.task}{f" (labels: {', '.join(info.labels)})" if info.labels else ""}
 
-{_adapter_card(info.peft)}
+{_adapter_card(info)}
 ## Load
 
 ```python
@@ -347,13 +347,18 @@ every file, the library versions and the git commit.
 """
 
 
-def _adapter_card(peft: dict[str, Any] | None) -> str:
+def _adapter_card(info: ArtifactInfo) -> str:
+    peft = info.peft
     if not peft:
         return ""
     targets = peft["target_modules"]
     targets = targets if isinstance(targets, str) else ", ".join(targets)
     base = peft["base_model"] or "the base model built from config (same config and seed)"
     load_base = peft["base_model"] or "path/to/the/base"
+    # A classifier's base gets this directory's config: its labels and head size.
+    head = info.task != "causal_lm"
+    imports = f"{info.auto_class}, AutoConfig" if head else info.auto_class
+    config = ', config=AutoConfig.from_pretrained("path/to/this/dir")' if head else ""
     return f"""
 ## Adapter
 
@@ -363,8 +368,8 @@ adapter alone is in `adapter/` (the base weights' sha256 is in `manifest.json`):
 
 ```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
-base = AutoModelForCausalLM.from_pretrained("{load_base}")
+from transformers import {imports}
+base = {info.auto_class}.from_pretrained("{load_base}"{config})
 model = PeftModel.from_pretrained(base, "path/to/this/dir/adapter")
 ```
 """

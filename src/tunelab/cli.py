@@ -32,6 +32,7 @@ commands:
   predict PATH|RUN_ID TEXT...
                       label each TEXT with a classifier, or tag its words with a tagger
   ui [--port N]       MLflow UI on the same store `tunelab train` writes to (127.0.0.1)
+  cache [prune]       the prepared-data cache under output.root: list it, or prune it now
 
 `runs`, `export`, `generate`, `predict` and `ui` take --uri (default: the store `train` uses:
 $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
@@ -337,4 +338,55 @@ def ui(args: list[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
-TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui}
+def cache(args: list[str]) -> None:
+    """List the data cache of an output root, or prune it to the limits (the data config's
+    cache_max_gb and cache_max_age_days unless given): never an entry a process uses."""
+    import argparse
+    import time
+
+    from tunelab import config
+    from tunelab.data import cache as data_cache
+
+    defaults = config.compose([])
+
+    def amount(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number, at least 0")
+        return value
+
+    parser = argparse.ArgumentParser(prog="tunelab cache", description=cache.__doc__)
+    parser.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    parser.add_argument("--root", default=defaults.output.root, help="output.root")
+    parser.add_argument("--max-gb", type=amount, default=defaults.data.cache_max_gb)
+    parser.add_argument("--max-age-days", type=amount, default=defaults.data.cache_max_age_days)
+    opts = parser.parse_args(args)
+    root = Path(opts.root).expanduser().absolute() / ".cache" / "datasets"
+    limits = data_cache.Limits.of({"cache_max_gb": opts.max_gb,
+                                   "cache_max_age_days": opts.max_age_days})  # fmt: skip
+    if opts.action == "prune":
+        for entry in data_cache.prune(root, limits):
+            print(f"pruned {_bytes(entry.size)}  {entry.path.relative_to(root)}")
+    found = data_cache.cached_entries(root)
+    size = "no size limit" if opts.max_gb is None else f"at most {opts.max_gb:g} GB"
+    age = "no age limit" if opts.max_age_days is None else f"{opts.max_age_days:g} days unused"
+    total = _bytes(sum(e.size for e in found)).strip()
+    print(f"{root}: {len(found)} entries, {total} ({size}, {age})")
+    for e in reversed(found):  # most recently used first
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+        held = "in use" if data_cache.in_use(root, e.path) else ""
+        print(f"  {used}  {_bytes(e.size)}  {e.kind:<10}  {held:<6}  {e.path.relative_to(root)}")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:6.1f} {unit}"
+    return f"{n:6d} B "
+
+
+TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui,
+         "cache": cache}  # fmt: skip

@@ -158,6 +158,14 @@ def load_model(cfg: Any, tokenizer: Any, source: str | None, task: ModuleType, r
             **extra,
         )
         model = auto.from_config(config)
+        positions = getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None
+        )
+        if model.can_generate() and positions:
+            # Generation ends at the model's context. Without this, transformers' defaults (20
+            # tokens in all, or a pipeline's 256 new ones, as `mlflow models serve` runs it) go
+            # past a small model's positions: an IndexError instead of text.
+            model.generation_config.max_length = positions
     if model.config.pad_token_id is None:  # a decoder used as a classifier finds padding by it
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.can_generate():

@@ -14,7 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 # Overrides that do not change what is trained, so they do not change the run's directory.
-_NAME_EXCLUDED = ("resume", "tracking", "output", "training.progress_bar", "sweep", "hydra")
+_NAME_EXCLUDED = ("resume", "tracking", "output", "training.progress_bar", "sweep", "hydra",
+                  "data.cache_max_gb", "data.cache_max_age_days")  # fmt: skip
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 _MAX_NAME = 120
 
@@ -48,8 +49,10 @@ def fingerprint(resolved: dict[str, Any]) -> str:
     """sha256 of what decides the trained model: the resolved config less the keys that do not
     change it (the same ones left out of run names)."""
     kept = {k: v for k, v in resolved.items() if not _excluded(k) and k != "hydra"}
-    if isinstance(kept.get("training"), dict):
-        kept["training"] = {k: v for k, v in kept["training"].items() if k != "progress_bar"}
+    for dotted in _NAME_EXCLUDED:
+        group, _, key = dotted.partition(".")
+        if key and isinstance(kept.get(group), dict):
+            kept[group] = {k: v for k, v in kept[group].items() if k != key}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

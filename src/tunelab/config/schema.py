@@ -62,6 +62,11 @@ class ModelSchema:
     allow_pickle: bool
 
 
+# The prepared-data cache under output.root: its size and the age of its entries (null: no limit).
+_CACHE_GB = Annotated[float | None, Rule(min=0.0, max=1e9)]
+_CACHE_DAYS = Annotated[float | None, Rule(min=0.0, max=1e6)]
+
+
 @dataclass
 class AdditionDataSchema:
     type: Annotated[str, Rule(choices=("addition", "files"))]
@@ -71,6 +76,8 @@ class AdditionDataSchema:
     seed: Annotated[int, _SEED]
     max_length: Annotated[int, Rule(min=2, max=2**20)]
     truncate: bool
+    cache_max_gb: _CACHE_GB
+    cache_max_age_days: _CACHE_DAYS
 
 
 @dataclass
@@ -87,6 +94,8 @@ class FilesDataSchema:
     seed: Annotated[int, _SEED]
     max_length: Annotated[int, Rule(min=2, max=2**20)]
     truncate: bool
+    cache_max_gb: _CACHE_GB
+    cache_max_age_days: _CACHE_DAYS
 
 
 @dataclass

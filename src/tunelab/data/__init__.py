@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.arrow import quiet_datasets, read, row_kinds, training_texts
-from tunelab.data.cache import CacheEntry, cached, fingerprint, processes, tokenizer_digest
+from tunelab.data.cache import (
+    CacheEntry,
+    Holding,
+    Limits,
+    cached,
+    fingerprint,
+    processes,
+    tokenizer_digest,
+)
 from tunelab.data.sources import (
     COMPLETION,
     FORMAT_NAMES,
@@ -47,9 +55,9 @@ from tunelab.data.sources import (
 
 __all__ = [
     "COMPLETION", "FORMATS", "FORMAT_NAMES", "LABEL", "MESSAGES", "PROMPT", "TEXT", "CacheEntry",
-    "Columns", "DataError", "Rows", "Source", "addition", "cached", "entries", "fingerprint",
-    "from_files", "load", "processes", "quiet_datasets", "resolve", "row_kinds", "spec_problems",
-    "tokenizer_digest", "training_texts",
+    "Columns", "DataError", "Holding", "Limits", "Rows", "Source", "addition", "cached", "entries",
+    "fingerprint", "from_files", "load", "processes", "quiet_datasets", "resolve", "row_kinds",
+    "spec_problems", "tokenizer_digest", "training_texts",
 ]  # fmt: skip
 
 # Bump when what a digest covers, or how rows are read, changes: older cache entries are unused.
@@ -73,6 +81,7 @@ class Rows:
     cache_dir: Path | None = None  # <output.root>/.cache/datasets; None: a temporary one
     workers: int = 0  # processes for batched maps (training.num_workers); 0: the cores
     split_digests: dict[str, str] = field(default_factory=dict)
+    holding: Holding | None = None  # the cache entries these rows use, held while they live
 
     def split_digest(self, split: str) -> str:
         return self.split_digests.get(split) or fingerprint(self.digest, split)
@@ -89,11 +98,12 @@ def load(cfg: Any, cache_dir: str | Path | None = None, workers: int = 0) -> Row
     where `datasets` keeps the loaded Arrow files and tunelab its prepared data
     (`<output.root>/.cache/datasets`); `workers`: processes for batched maps (0: the cores)."""
     cache = Path(cache_dir).expanduser().absolute() if cache_dir else None
+    holding = Holding(cache, Limits.of(cfg)) if cache else None
     if cfg.type == "addition":
         rows = addition(cfg.digits, cfg.train_size, cfg.eval_size, cfg.seed)
     else:
-        rows = from_files(cfg, cache)
-    rows.cache_dir, rows.workers = cache, workers
+        rows = from_files(cfg, cache, holding)
+    rows.cache_dir, rows.workers, rows.holding = cache, workers, holding
     return rows
 
 
@@ -149,12 +159,17 @@ def _digest(*splits: list[dict[str, str]]) -> str:
 # Files
 
 
-def from_files(cfg: Any, cache_dir: Path | None = None) -> Rows:
-    """Rows from data.train (and data.eval, else a held-out `eval_fraction` of train)."""
+def from_files(cfg: Any, cache_dir: Path | None = None, holding: Holding | None = None) -> Rows:
+    """Rows from data.train (and data.eval, else a held-out `eval_fraction` of train). The
+    cache entries they are read into are held by `holding`, and the cache pruned when it grew."""
     columns = Columns.of(cfg)
     with quiet_datasets():
-        train = read(resolve("data.train", cfg.train), columns, cache_dir)
-        evaluation = read(resolve("data.eval", cfg.eval), columns, cache_dir) if cfg.eval else None
+        train = read(resolve("data.train", cfg.train), columns, cache_dir, holding)
+        evaluation = (
+            read(resolve("data.eval", cfg.eval), columns, cache_dir, holding) if cfg.eval else None
+        )
+    if holding is not None and holding.grew:
+        holding.prune()
     options = {
         "version": DATA_VERSION,
         "columns": list(columns.renames()),

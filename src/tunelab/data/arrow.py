@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.cache import fingerprint
+from tunelab.data.cache import Holding, fingerprint, touch
 from tunelab.data.scan import canonical_row, first_char, from_scan, scan
 from tunelab.data.sources import (
     COMPLETION,
@@ -52,8 +52,11 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def read(source: Source, columns: Columns, cache_dir: Path | None) -> Split:
-    """One split's rows with canonical columns, the digest of their content and their kinds."""
+def read(
+    source: Source, columns: Columns, cache_dir: Path | None, holding: Holding | None = None
+) -> Split:
+    """One split's rows with canonical columns, the digest of their content and their kinds.
+    The cache entries they are read into are held by `holding`."""
     for path in source.paths:
         if source.kind == "files" and path.stat().st_size == 0:
             raise DataError(f"{source.key}: {path} is empty (no rows)")
@@ -63,7 +66,7 @@ def read(source: Source, columns: Columns, cache_dir: Path | None) -> Split:
         # rows, and its rewrite of [null, ...] into lines would crash pyarrow.
         scan(source, columns)
     try:
-        raw = _load(source, columns, cache_dir)
+        raw = _load(source, columns, cache_dir, holding)
         dataset = _canonical(raw, columns, source)
     except Exception as exc:  # anything datasets or pyarrow raise: find the line
         if source.kind != "files" or source.builder == "parquet":
@@ -74,7 +77,7 @@ def read(source: Source, columns: Columns, cache_dir: Path | None) -> Split:
         # The rows are fine by tunelab's rules but `datasets` could not give them one Arrow
         # type (say, a column of numbers and strings): build them from the scanned rows,
         # which have canonical names already.
-        raw = dataset = from_scan(source, columns, cache_dir, digest)
+        raw = dataset = from_scan(source, columns, cache_dir, digest, holding)
         columns = Columns()
     if source.kind == "hub":  # datasets' fingerprint follows the hub revision it loaded
         digest = fingerprint("hub", source.spec, raw._fingerprint)
@@ -143,16 +146,15 @@ def _null_line(lines: bytes) -> bool:
     return False
 
 
-def _load(source: Source, columns: Columns, cache_dir: Path | None) -> Any:
+def _load(source: Source, columns: Columns, cache_dir: Path | None, holding: Holding | None) -> Any:
     import datasets
 
-    cache = str(cache_dir) if cache_dir else None
     if source.kind == "disk":
         parts = [datasets.load_from_disk(str(p)) for p in source.paths]
         parts = [p.flatten_indices() if p._indices is not None else p for p in parts]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if source.kind == "hub":
-        return datasets.load_dataset(source.spec, split="train", cache_dir=cache)
+        return _prepared(source.spec, cache_dir, holding)
     assert source.builder is not None
     kwargs: dict[str, Any] = {}
     if source.builder == "json":
@@ -171,13 +173,28 @@ def _load(source: Source, columns: Columns, cache_dir: Path | None) -> Any:
                   "index_col": False}  # fmt: skip
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Length of header or names does not match")
-        return datasets.load_dataset(
-            source.builder,
-            data_files=[str(p) for p in source.paths],
-            split="train",
-            cache_dir=cache,
-            **kwargs,
+        return _prepared(
+            source.builder, cache_dir, holding, data_files=[str(p) for p in source.paths], **kwargs
         )
+
+
+def _prepared(path: str, cache_dir: Path | None, holding: Holding | None, **kwargs: Any) -> Any:
+    """`datasets.load_dataset(path, split="train", cache_dir=cache_dir, **kwargs)` in its three
+    steps, so that the cache entry (the builder's directory) is held from before `datasets`
+    looks for it: no pruning removes it while this run reads it, nor until the run ends."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(
+        path, cache_dir=str(cache_dir) if cache_dir else None, **kwargs
+    )
+    entry = Path(builder.cache_dir)
+    if holding is not None:
+        holding.hold(entry)
+        holding.grew |= not entry.is_dir()
+    builder.download_and_prepare()
+    dataset = builder.as_dataset(split="train")
+    touch(entry)
+    return dataset
 
 
 def _canonical(dataset: Any, columns: Columns, source: Source) -> Any:

@@ -35,6 +35,18 @@ def dataset(split: Any) -> Any:
         raise DataError(f"data: a column mixes kinds of values ({first})") from None
 
 
+def labelled(split: Any, what: str = "label") -> Any:
+    """`split` as a `datasets.Dataset` that has a label column, else one line saying which
+    columns it has (`what`: how the task calls a label)."""
+    column = dataset(split)
+    if "label" not in column.column_names:
+        raise DataError(
+            f"data.label_column: the rows have no {what} column; they have "
+            f"{', '.join(column.column_names)}: set data.label_column"
+        )
+    return column
+
+
 def labels(rows: Any) -> list[Any]:
     """The classes in the training rows, in a stable order (sorted); [] for a regression."""
     values = _label_values(rows.train)
@@ -56,12 +68,7 @@ def _norm(value: Any) -> Any:
 
 
 def _label_values(split: Any) -> list[Any]:
-    column = dataset(split)
-    if "label" not in column.column_names:
-        raise DataError(
-            f"data.label_column: the rows have no label column; they have "
-            f"{', '.join(column.column_names)}: set data.label_column"
-        )
+    column = labelled(split)
     try:
         found = column.unique("label")
     except Exception:  # a column of mixed kinds (Arrow keeps it as JSON): read it in Python

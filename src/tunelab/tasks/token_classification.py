@@ -15,7 +15,7 @@ from typing import Any
 from tunelab.data import DataError
 from tunelab.metrics import IGNORE
 from tunelab.tasks import Prepared, count_cut
-from tunelab.tasks.sequence_classification import dataset
+from tunelab.tasks.sequence_classification import dataset, labelled
 
 AUTO_CLASS = "AutoModelForTokenClassification"
 PIPELINE = "token-classification"
@@ -29,12 +29,7 @@ def _words(text: Any) -> list[str]:
 
 def tags(rows: Any) -> list[Any]:
     """The tags of the training rows, sorted."""
-    column = dataset(rows.train)
-    if "label" not in column.column_names:
-        raise DataError(
-            f"data.label_column: the rows have no tag column; they have "
-            f"{', '.join(column.column_names)}: set data.label_column"
-        )
+    column = labelled(rows.train, "tag")
     found: set[Any] = set()
     for n, (text, row_tags) in enumerate(zip(column["text"], column["label"], strict=True), 1):
         if not isinstance(row_tags, list) or len(row_tags) != len(_words(text)):

@@ -104,18 +104,29 @@ def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeli
 
 
 def _signature(pipeline: str) -> Any:
-    """Texts in; generated text, or a label and its score, out. With it the scoring server
-    (`mlflow models serve`) takes `{"inputs": ["...", ...]}` as a column of strings."""
+    """Texts in; generated text (the prompt and its continuation), or a label and its score,
+    out. With it the scoring server (`mlflow models serve`) takes `{"inputs": ["...", ...]}` as
+    a column of strings. A generator also takes `"params": {"max_new_tokens": N, "do_sample":
+    true}`; by default it decodes greedily (a text-generation pipeline samples unless told not
+    to) up to the model's generation config's length (for a model built from config, its
+    context)."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+    inputs = Schema([ColSpec(DataType.string)])
     if pipeline == "text-classification":
         outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")])
-    elif pipeline == "token-classification":
-        outputs = Schema([ColSpec(DataType.string)])
-    else:
-        outputs = Schema([ColSpec(DataType.string)])
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=outputs)
+        return ModelSignature(inputs=inputs, outputs=outputs)
+    outputs = Schema([ColSpec(DataType.string)])
+    if pipeline != "text-generation":
+        return ModelSignature(inputs=inputs, outputs=outputs)
+    params = ParamSchema(
+        [
+            ParamSpec("max_new_tokens", DataType.long, None),
+            ParamSpec("do_sample", DataType.boolean, False),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _logged_models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
