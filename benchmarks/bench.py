@@ -211,7 +211,9 @@ def ddp_child(mode: str, root: str, steps: str, out: str) -> None:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state.update({f"adam.{i}": (a.clone(), b.clone()) for i, (a, b) in enumerate(adam)})
         copy_s = time.perf_counter() - began
-    result = {"steps_per_s": speed, "stalls": saves.stalls, "copy_s": copy_s}
+    steps_s = [t for i, t in enumerate(timer.times()) if (i + 2) % 10 != 1]  # no checkpoint
+    result = {"steps_per_s": speed, "stalls": saves.stalls, "copy_s": copy_s,
+              "median_step_s": statistics.median(steps_s)}  # fmt: skip
     Path(out).write_text(json.dumps(result))
 
 
@@ -224,6 +226,7 @@ def ddp(reps: int, steps: int) -> dict:
     import subprocess
 
     speed: dict[str, list[float]] = {"plain": [], "tunelab": []}
+    step_s: dict[str, list[float]] = {"plain": [], "tunelab": []}
     stalls: list[float] = []
     first: list[float] = []
     copies: list[float] = []
@@ -238,6 +241,7 @@ def ddp(reps: int, steps: int) -> dict:
                 subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
                 result = json.loads(out.read_text())
             speed[mode].append(result["steps_per_s"])
+            step_s[mode].append(result["median_step_s"])
             if mode == "tunelab":
                 first.extend(result["stalls"][:1])  # allocates the snapshot buffers
                 stalls.extend(result["stalls"][1:])
@@ -252,6 +256,10 @@ def ddp(reps: int, steps: int) -> dict:
         "tunelab_ddp_steps_per_s": med(speed["tunelab"]),
         "ratio_tunelab_vs_plain_ddp": med(paired),
         "ratio_tunelab_vs_plain_ddp_min": min(paired),
+        "ratio_tunelab_vs_plain_ddp_max": max(paired),
+        # Steps between checkpoints only: what tunelab adds to every step (tracking, the stop
+        # agreement) apart from the checkpoints.
+        "median_step_ratio_tunelab_vs_plain": med(step_s["tunelab"]) / med(step_s["plain"]),
         "checkpoint_stall_s": stall,
         "first_checkpoint_stall_s": med(first),
         "memory_copy_s": med(copies),
