@@ -32,6 +32,9 @@ commands:
   predict PATH|RUN_ID TEXT...
                       label each TEXT with a classifier, or tag its words with a tagger
   ui [--port N]       MLflow UI on the same store `tunelab train` writes to (127.0.0.1)
+  server [--dir DIR] [--port N]
+                      a team tracking server: MLflow on PostgreSQL, proxied artifacts, on
+                      127.0.0.1 (`make server`); runs use tracking.uri=http://127.0.0.1:N
 
 `runs`, `export`, `generate`, `predict` and `ui` take --uri (default: the store `train` uses:
 $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
@@ -326,4 +329,11 @@ def ui(args: list[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
-TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui}
+def server(args: list[str]) -> None:
+    from tunelab.tracking import server as team_server
+
+    team_server.main(args)
+
+
+TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui,
+         "server": server}  # fmt: skip
