@@ -252,6 +252,9 @@ def runs(args: list[str]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
     for line in [header, *table]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=False)).rstrip())
+    from tunelab.tracking.store import resolve_uri, ui_hint
+
+    print(f"MLflow UI: {ui_hint(resolve_uri(opts.uri), rows[0]['experiment_id'])}")
 
 
 def _cut(text: str, width: int) -> str:

@@ -172,6 +172,7 @@ def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[
         rows.append(
             {
                 "run_id": info.run_id,
+                "experiment_id": str(exp.experiment_id),
                 "name": info.run_name,
                 "status": info.status,
                 **{name: m.get(name) for name in metrics.SUMMARY},
