@@ -409,10 +409,16 @@ def _lock(state: Path) -> locks.Lock:
     try:
         return locks.Lock(state / "server.lock", f"server directory {state}").acquire()
     except locks.Busy:
+        holder = (state / "server.lock").read_text().strip() or "?"
         known = _read_state(state)
+        if str(known.get("pid")) != holder:  # server.json is an earlier start's: still starting
+            raise ServerError(
+                f"a tunelab server is starting from {state} (pid {holder}); wait for it to say "
+                "where it serves, or stop it"
+            ) from None
         raise ServerError(
-            f"a tunelab server already runs from {state} (pid {known.get('pid', '?')}): "
-            f"use tracking.uri={known.get('url', '?')}, or stop it (Ctrl-C in its terminal)"
+            f"a tunelab server already runs from {state} (pid {holder}): use "
+            f"tracking.uri={known['url']}, or stop it (Ctrl-C in its terminal, or kill {holder})"
         ) from None
 
 
