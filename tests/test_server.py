@@ -212,8 +212,7 @@ def test_a_second_start_of_the_same_directory_names_the_running_server(team, tmp
 
 
 def test_a_taken_port_is_one_line(team, tmp_path):
-    proc = _server("--dir", str(_state_dir("tunelab-port-") / "s"), "--port", str(team.port),
-                   cwd=tmp_path)  # fmt: skip
+    proc = _server("--dir", "state", "--port", str(team.port), cwd=tmp_path)
     _one_line(proc, f"port {team.port} on 127.0.0.1 is taken")
 
 
