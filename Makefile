@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: install train test test-fast lint format ui bench bench-full clean
+.PHONY: install train test test-fast lint format ui server bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ format: install
 
 ui: install
 	$(VENV)/bin/tunelab ui $(ARGS)
+
+# A team tracking server: MLflow on PostgreSQL, proxied artifacts, state in .tunelab-server/.
+server: install
+	$(VENV)/bin/tunelab server $(ARGS)
 
 bench: install
 	$(PY) benchmarks/bench.py $(ARGS)

@@ -33,6 +33,9 @@ commands:
                       label each TEXT with a classifier, or tag its words with a tagger
   ui [--port N]       MLflow UI on the same store `tunelab train` writes to (127.0.0.1)
   cache [prune]       the prepared-data cache under output.root: list it, or prune it now
+  server [--dir DIR] [--port N]
+                      a team tracking server: MLflow on PostgreSQL, proxied artifacts, on
+                      127.0.0.1 (`make server`); runs use tracking.uri=http://127.0.0.1:N
 
 `runs`, `export`, `generate`, `predict` and `ui` take --uri (default: the store `train` uses:
 $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
@@ -261,6 +264,9 @@ def runs(args: list[str]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
     for line in [header, *table]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=False)).rstrip())
+    from tunelab.tracking.store import resolve_uri, ui_hint
+
+    print(f"MLflow UI: {ui_hint(resolve_uri(opts.uri), rows[0]['experiment_id'])}")
 
 
 def _cut(text: str, width: int) -> str:
@@ -388,5 +394,11 @@ def _bytes(n: int) -> str:
     return f"{n:6d} B "
 
 
+def server(args: list[str]) -> None:
+    from tunelab.tracking import server as team_server
+
+    team_server.main(args)
+
+
 TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui,
-         "cache": cache}  # fmt: skip
+         "cache": cache, "server": server}  # fmt: skip

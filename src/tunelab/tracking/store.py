@@ -43,20 +43,48 @@ def artifact_root(uri: str) -> str | None:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after MLflow's minutes of retries, when a server is down."""
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is down, or up
+    without its database: /health answers without touching it, so a one-row query follows
+    (MLflow's client retries a 5xx for minutes)."""
     if not is_server(uri):
         return
     import urllib.error
     import urllib.request
 
+    base = uri.rstrip("/")
+    query = urllib.request.Request(
+        base + "/api/2.0/mlflow/experiments/search",
+        data=b'{"max_results": 1}',
+        headers={"Content-Type": "application/json"},
+    )
+    for request, wait in ((base + "/health", timeout), (query, 3 * timeout)):
+        try:
+            with urllib.request.urlopen(request, timeout=wait):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return  # it answered (an auth proxy, a path it does not serve): it is up
+            raise TrackingUnavailable(
+                f"tracking server {uri} answers, but its backend store does not "
+                f"(HTTP {exc.code}: {_error_message(exc)})"
+            ) from None
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailable(
+                f"tracking server {uri} cannot be reached ({reason})"
+            ) from None
+
+
+def _error_message(exc: Any) -> str:
+    """The first line of an MLflow server's error answer (JSON with a `message`), else its
+    reason."""
+    import json
+
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return  # the server answered (an auth proxy, a path it does not serve): it is up
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingUnavailable(f"tracking server {uri} cannot be reached ({reason})") from None
+        message = str(json.loads(exc.read()).get("message") or "")
+    except (OSError, ValueError, AttributeError):
+        message = ""
+    return (message.strip().splitlines() or [str(exc.reason)])[0][:300]
 
 
 def client_for(uri: str | None) -> Any:
@@ -144,6 +172,7 @@ def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[
         rows.append(
             {
                 "run_id": info.run_id,
+                "experiment_id": str(exp.experiment_id),
                 "name": info.run_name,
                 "status": info.status,
                 **{name: m.get(name) for name in metrics.SUMMARY},

@@ -1,0 +1,281 @@
+"""The team tracking server (`tunelab server`, `make server`): a real PostgreSQL and a real
+`mlflow server` with proxied artifacts on 127.0.0.1, started through tunelab's own module, a
+parallel sweep logged there, models read back through it, and the faults of running one.
+
+PostgreSQL's binaries must be on this machine (`.ci/run` installs Debian's): without them these
+tests fail, saying so, rather than skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import env, run_cli, tiny, tunelab
+from tunelab import artifacts
+from tunelab.tracking import server as team_server
+
+
+def _state_dir(prefix: str) -> Path:
+    """A fresh state directory PostgreSQL's user can reach (pytest's own temporary directories
+    are closed to other users, and under root PostgreSQL runs as `postgres`)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    return root
+
+
+@pytest.fixture(scope="module")
+def team():
+    """A team server for this module, started and stopped by tunelab's module."""
+    try:
+        team_server.find_binaries()
+    except team_server.ServerError as exc:
+        pytest.fail(f"these tests need PostgreSQL's server binaries (.ci/run installs them): {exc}")
+    root = _state_dir("tunelab-team-")
+    server = team_server.start(root / "state", workers=2)
+    yield server
+    server.stop()
+    assert server.database.pid() is None and server.proc.poll() is not None
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.fixture(scope="module")
+def team_sweep(team, tmp_path_factory):
+    """4 jobs in 2 parallel joblib workers, logged to the team server: (workspace, stdout)."""
+    ws = tmp_path_factory.mktemp("team-sweep")
+    proc = tunelab(
+        "train", "-m", f"output.root={ws / 'outputs'}", f"tracking.uri={team.url}",
+        "tracking.experiment=team", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        *tiny("checkpoint=none", "training.lr=1e-3,3e-3", "seed=1,2"), cwd=ws,
+    )  # fmt: skip
+    return ws, proc.stdout
+
+
+def _runs(url: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} on {url}"
+    return client, exp, client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_is_logged_to_postgresql_through_the_server(team, team_sweep):
+    client, exp, runs = _runs(team.url, "team")
+    (parent,) = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 5 and len(kids) == 4
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {(k.data.params["training.lr"], k.data.params["seed"]) for k in kids} == {
+        ("0.001", "1"), ("0.001", "2"), ("0.003", "1"), ("0.003", "2"),
+    }  # fmt: skip
+    for kid in kids:
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "loss")] == [2, 4, 6, 8]
+        assert "eval_exact_match" in kid.data.metrics
+        # Proxied artifacts: the client only ever sees the server's own scheme.
+        assert kid.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert parent.data.tags["tunelab.best_run_id"] in {k.info.run_id for k in kids}
+    # The runs are rows in PostgreSQL, and the weights are files the server wrote.
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=team.database.port, user="postgres",
+                         dbname="mlflow") as conn:  # fmt: skip
+        (count,) = conn.execute(
+            "SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),)
+        ).fetchone()
+    assert count == 5
+    assert len(list((team.state_dir / "artifacts").rglob("model.safetensors"))) == 4
+    ws, _ = team_sweep
+    assert not (ws / "mlartifacts").exists() and not (ws / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_every_printed_link_points_at_the_server_used(team, team_sweep):
+    _, stdout = team_sweep
+    client, exp, runs = _runs(team.url, "team")
+    links = re.findall(r"MLflow UI: (\S+)", stdout)
+    expected = {f"{team.url}/#/experiments/{exp.experiment_id}/runs/{r.info.run_id}" for r in runs}
+    assert len(links) == 4 and set(links) <= expected, stdout[-3000:]
+    assert "tunelab ui" not in stdout and ":5000" not in stdout
+    # `tunelab runs`, given the server by --uri or by MLFLOW_TRACKING_URI, links to it too.
+    page = f"MLflow UI: {team.url}/#/experiments/{exp.experiment_id}"
+    ws, _ = team_sweep
+    by_flag = run_cli("runs", "--uri", team.url, "--experiment", "team", cwd=ws).stdout
+    by_env = run_cli("runs", "--experiment", "team", cwd=ws,
+                     environ={"MLFLOW_TRACKING_URI": team.url}).stdout  # fmt: skip
+    for out in (by_flag, by_env):
+        assert out.rstrip().endswith(page) and "5000" not in out, out
+        assert out.count("FINISHED") == 5
+
+
+@pytest.mark.slow
+def test_the_logged_model_downloads_through_the_server_and_loads_with_transformers(
+    team, team_sweep, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _, runs = _runs(team.url, "team")
+    kid = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
+    local = Path(kid.data.tags["tunelab.run_dir"]) / "model"
+    dst = tmp_path / "exported"
+    run_cli("export", kid.info.run_id, str(dst), "--uri", team.url, cwd=tmp_path)
+    assert artifacts.verify_manifest(dst) == []
+    assert (dst / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    # Plain transformers, no tunelab: the downloaded weights are the run's weights.
+    got = AutoModelForCausalLM.from_pretrained(dst).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(local).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # MLflow's own download of the Logged Model, by its models:/ URI, goes through the server.
+    import mlflow
+
+    (model,) = mlflow.MlflowClient(team.url).search_logged_models(
+        experiment_ids=[kid.info.experiment_id],
+        filter_string=f"source_run_id = '{kid.info.run_id}'",
+    )
+    os.environ["MLFLOW_TRACKING_URI"] = team.url  # models:/ resolves against the default store
+    try:
+        by_mlflow = mlflow.artifacts.download_artifacts(
+            f"models:/{model.model_id}", dst_path=str(tmp_path / "by-mlflow"),
+            tracking_uri=team.url,
+        )  # fmt: skip
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    reloaded = AutoModelForCausalLM.from_pretrained(by_mlflow).state_dict()
+    assert all(torch.equal(reloaded[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_a_database_down_under_the_server_fails_fast_then_uploads_later(team, tmp_path):
+    args = ["train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={team.url}",
+            "tracking.experiment=db-down", *tiny("checkpoint=none")]  # fmt: skip
+    team.database.stop("immediate")
+    try:
+        began = time.monotonic()
+        down = run_cli(*args, cwd=tmp_path, check=False)
+        elapsed = time.monotonic() - began
+        # /health still answers; the store behind it does not: seconds, not minutes of retries.
+        assert down.returncode == 1 and elapsed < 60, (elapsed, down.stderr[-2000:])
+        assert f"tracking server {team.url} answers, but its backend store does not" in down.stderr
+        assert "tracking.required=false" in down.stderr and "Traceback" not in down.stderr
+        assert not list(tmp_path.rglob("model.safetensors"))
+        # tracking.required=false: it trains now, and the same command uploads once it is back.
+        offline = run_cli(*args, "tracking.required=false", cwd=tmp_path)
+        assert "not uploaded" in offline.stdout
+    finally:
+        team.database.start()
+    again = run_cli(*args, "tracking.required=false", cwd=tmp_path)
+    assert "already finished" in again.stdout
+    _, _, (run,) = _runs(team.url, "db-down")
+    assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "8"
+
+
+# ---------------------------------------------------------------------------------------------
+# `tunelab server` as a process: its one-line errors, and what killing things leaves.
+
+
+def _server(*args: str, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", "server", *args],
+        cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _one_line(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+
+
+def test_missing_postgresql_binaries_are_one_line_saying_how_to_install(tmp_path):
+    (tmp_path / "empty-bin").mkdir()
+    proc = _server("--dir", "state", cwd=tmp_path, TUNELAB_PG_BIN=str(tmp_path / "empty-bin"))
+    _one_line(proc, "initdb", "not found", "apt-get install -y postgresql")
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_second_start_of_the_same_directory_names_the_running_server(team, tmp_path):
+    proc = _server("--dir", str(team.state_dir), cwd=tmp_path)
+    _one_line(proc, "already runs", f"tracking.uri={team.url}")
+
+
+def test_a_taken_port_is_one_line(team, tmp_path):
+    proc = _server("--dir", "state", "--port", str(team.port), cwd=tmp_path)
+    _one_line(proc, f"port {team.port} on 127.0.0.1 is taken")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands PostgreSQL to another user")
+def test_a_directory_the_postgres_user_cannot_reach_is_one_line(tmp_path):
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    proc = _server("--dir", str(closed / "state"), cwd=tmp_path)
+    _one_line(proc, "user 'postgres'", "cannot reach", "--dir")
+
+
+def _serve(state: Path) -> subprocess.Popen:
+    """`tunelab server --dir STATE` in a real process, once it has said where it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "server", "--dir", str(state)], cwd=state.parent,
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert "MLflow at http://127.0.0.1:" in first, (first, proc.stderr and proc.stderr.read())
+    return proc
+
+
+def _cluster_processes(state: Path) -> list[int]:
+    return sorted(team_server.Database(team_server.find_binaries(), state / "pgdata",
+                                       state / "postgresql.log")._processes())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_server_survives_kill_9_a_dead_database_and_a_stale_pid_file(tmp_path):
+    from mlflow import MlflowClient
+
+    state = _state_dir("tunelab-faults-") / "state"
+    first = _serve(state)
+    known = json.loads((state / "server.json").read_text())
+    url = known["url"]
+    MlflowClient(url).create_experiment("kept")
+    # 1. PostgreSQL dies under the server: it says so and stops MLflow too (exit 1).
+    postmaster = int((state / "pgdata" / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
+    assert first.wait(timeout=120) == 1
+    assert "PostgreSQL stopped" in first.stderr.read()  # type: ignore[union-attr]
+    assert not team_server._group_alive(known["mlflow_pid"])
+    # 2. Its postmaster.pid is stale, and names a live process that is not PostgreSQL.
+    pid_file = state / "pgdata" / "postmaster.pid"
+    lines = pid_file.read_text().split("\n")
+    pid_file.write_text("\n".join([str(os.getpid()), *lines[1:]]))
+    second = _serve(state)
+    assert json.loads((state / "server.json").read_text())["url"] == url  # the same port
+    assert MlflowClient(url).get_experiment_by_name("kept") is not None  # the same database
+    # 3. kill -9 of `tunelab server`: MLflow and PostgreSQL live on, orphaned; the next start
+    # stops them and serves on the same port.
+    second.kill()
+    second.wait()
+    assert _cluster_processes(state)
+    third = _serve(state)
+    again = json.loads((state / "server.json").read_text())
+    assert again["url"] == url and again["mlflow_pid"] != known["mlflow_pid"]
+    assert MlflowClient(url).get_experiment_by_name("kept") is not None
+    # 4. SIGTERM: MLflow, then PostgreSQL, stopped; nothing of either left.
+    third.send_signal(signal.SIGTERM)
+    assert third.wait(timeout=120) == 0
+    assert "stopped" in third.stdout.read()  # type: ignore[union-attr]
+    assert not team_server._group_alive(again["mlflow_pid"]) and not _cluster_processes(state)
+    assert team_server.port_is_free(int(url.rsplit(":", 1)[1]))
+    subprocess.run(["rm", "-rf", str(state.parent)], check=False)
