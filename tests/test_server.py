@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env, run_cli, tiny, tunelab
+from tests.conftest import committed_steps, env, run_cli, tiny, tunelab, wait_for
 from tunelab import artifacts
 from tunelab.tracking import server as team_server
 
@@ -157,6 +157,26 @@ def test_the_logged_model_downloads_through_the_server_and_loads_with_transforme
 
 
 @pytest.mark.slow
+def test_a_ddp_run_is_one_run_on_the_server_and_its_model_downloads(team, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tunelab", "train", f"output.root={tmp_path / 'outputs'}",
+         f"tracking.uri={team.url}", "tracking.experiment=team-ddp",
+         *tiny("checkpoint=steps", "checkpoint.every=4")],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("tunelab: run finished") == 1, proc.stdout
+    assert f"MLflow UI: {team.url}/#/experiments/" in proc.stdout
+    _, _, (run,) = _runs(team.url, "team-ddp")
+    assert run.info.status == "FINISHED" and run.data.params["parallel.world_size"] == "2"
+    (local,) = (tmp_path / "outputs" / "team-ddp").glob("*/model")
+    dst = tmp_path / "exported"
+    run_cli("export", run.info.run_id, str(dst), "--uri", team.url, cwd=tmp_path)
+    assert (dst / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_a_database_down_under_the_server_fails_fast_then_uploads_later(team, tmp_path):
     args = ["train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={team.url}",
             "tracking.experiment=db-down", *tiny("checkpoint=none")]  # fmt: skip
@@ -179,6 +199,37 @@ def test_a_database_down_under_the_server_fails_fast_then_uploads_later(team, tm
     assert "already finished" in again.stdout
     _, _, (run,) = _runs(team.url, "db-down")
     assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "8"
+
+
+def test_a_store_lost_mid_run_keeps_the_model_and_the_same_command_uploads_it(team, tmp_path):
+    args = ["train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={team.url}",
+            "tracking.experiment=lost-mid-run",
+            *tiny("training.max_steps=40", "checkpoint=steps", "checkpoint.every=4")]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", *args], cwd=tmp_path,
+        env=env(TUNELAB_TEST_COMMIT_DELAY="0.3"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    checkpoints = tmp_path / "outputs" / "lost-mid-run"
+    wait_for(lambda: any(committed_steps(d) for d in checkpoints.glob("*/checkpoints")), proc)
+    team.database.stop("immediate")
+    try:
+        began = time.monotonic()
+        out = proc.communicate(timeout=300)[0]
+        elapsed = time.monotonic() - began
+        # It trains on, writes its artifact and says how to upload it: no minutes of retries.
+        assert proc.returncode == 0, out[-3000:]
+        assert "stopped answering during the run" in out and "not uploaded" in out, out[-3000:]
+        assert "Traceback" not in out and elapsed < 120, elapsed
+        (model,) = checkpoints.glob("*/model")
+        assert artifacts.verify_manifest(model) == []
+    finally:
+        team.database.start()
+    again = run_cli(*args, cwd=tmp_path)
+    assert "already finished" in again.stdout
+    _, _, (run,) = _runs(team.url, "lost-mid-run")
+    assert run.info.status == "FINISHED"
+    assert artifacts.read_manifest(model)["mlflow_run_id"] == run.info.run_id
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,6 @@ def _run(
             if prepared.eval is not None:
                 final.update(trainer.evaluate())
             objective = sweeps.objective_name(cfg, final, rows.has_completions)
-            tracking.log_outcome(tracker, objective, sweeps.direction(cfg, objective))
 
             info = artifacts.ArtifactInfo(
                 run_name=name,
@@ -141,6 +140,8 @@ def _run(
             if main_process:
                 yaml = OmegaConf.to_yaml(resolved)
                 artifacts.save_final(artifact, model, tokenizer, yaml, info, weights)
+            # The artifact is on disk before MLflow hears of it: a store lost now loses nothing.
+            tracking.log_outcome(tracker, objective, sweeps.direction(cfg, objective))
             tracker.log_model(artifact, final, trainer.state.global_step)
             if (run_dir / ".hydra").is_dir():
                 tracker.log_artifacts(run_dir / ".hydra", "config/hydra")

@@ -3,13 +3,16 @@ nothing (`tracking=none`) as siblings, and the run's start, inputs and honest en
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tunelab import artifacts
 from tunelab.tracking import store
@@ -83,6 +86,49 @@ class NullTracker:
         pass
 
 
+# A server that stops answering mid-run costs seconds, not MLflow's default minutes of retries
+# per call (7 retries, backoff factor 2, 120 s timeouts); the environment's own values win.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    """What a store that stopped answering raises: MLflow's errors, HTTP and database ones."""
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    errors: list[type[BaseException]] = [MlflowException, RequestException, OSError]
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        errors.append(SQLAlchemyError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _tolerant(method: _F) -> _F:
+    """A tracker call that, once the store has stopped answering, does nothing: the run goes
+    on, writes its artifact, and the same command uploads it later (tracking.uploads)."""
+
+    @functools.wraps(method)
+    def call(self: MlflowTracker, *args: Any, **kwargs: Any) -> Any:
+        if self.lost:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except _lost_errors() as exc:
+            self.lose(exc)
+            return None
+
+    return call  # type: ignore[return-value]
+
+
 class MlflowTracker:
     """One MLflow run, written through MlflowClient (no global active-run state)."""
 
@@ -101,6 +147,10 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         self.uri = uri
+        self.lost: str | None = None  # why the store stopped answering mid-run
+        self._pending: list[Any] = []
+        self._uploader: Any = None
+        self._system: Any = None
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = store.experiment_id(self.client, experiment, store.artifact_root(uri))
         run = _unfinished_run(self.client, previous_run_id, self.experiment_id, reopen_finished)
@@ -117,17 +167,34 @@ class MlflowTracker:
         if self.continued:  # a new process: who runs it now, and from where it resumed
             self.set_tags({k: v for k, v in tags.items() if k.startswith(_PER_PROCESS_TAGS)})
         self.artifact_uri = run.info.artifact_uri
-        self._pending: list[Any] = []
-        self._uploader: Any = None
-        self._system: Any = None
         self._overrides = tags.get("tunelab.overrides", "")
         self.ui_hint: str | None = store.ui_hint(uri, self.experiment_id, run.info.run_id)
+
+    def lose(self, exc: BaseException) -> None:
+        """The store stopped answering: say so once, and log nothing more from this process."""
+        self.lost = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        self.ui_hint = None
+        _drop_queued_metrics(self.client)
+        if self._uploader is not None:  # checkpoint uploads not started yet: dropped
+            self._uploader.pool.shutdown(wait=False, cancel_futures=True)
+            self._uploader = None
+        if self._system is not None:  # the sampler thread stops at its next tick
+            getattr(self._system, "_shutdown_event", threading.Event()).set()
+            self._system = None
+        log.warning(
+            "tracking: %s stopped answering during the run (%s); training goes on without it. "
+            "Once it is back, run the same command again: it uploads the finished artifact "
+            "into this MLflow run.",
+            self.uri,
+            self.lost,
+        )
 
     @property
     def id(self) -> str:
         assert self.run_id is not None
         return self.run_id
 
+    @_tolerant
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -135,6 +202,7 @@ class MlflowTracker:
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.id, params=items[i : i + _BATCH])
 
+    @_tolerant
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Queued on MLflow's background logger, so training never waits on the store."""
         from mlflow.entities import Metric
@@ -148,12 +216,15 @@ class MlflowTracker:
         if batch:
             self._pending.append(self.client.log_batch(self.id, batch, synchronous=False))
 
+    @_tolerant
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.id, str(local_dir), artifact_path)
 
+    @_tolerant
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.id, text, artifact_file)
 
+    @_tolerant
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -163,6 +234,7 @@ class MlflowTracker:
         """The run's one-line description in the UI (mlflow.note.content)."""
         self.set_tags({"mlflow.note.content": f"{text}; overrides: {self._overrides}"})
 
+    @_tolerant
     def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
         """The data as an MLflow dataset input (the UI's Datasets column): name, digest, source.
         Only metadata is logged, never the rows."""
@@ -185,6 +257,7 @@ class MlflowTracker:
         # Dataset inputs are metadata: never fail a run over them.
         log.warning("dataset %s not logged to MLflow (the store refused it three times)", name)
 
+    @_tolerant
     def log_model(self, local_dir: Path, metrics: dict[str, Any], step: int) -> str | None:
         from tunelab.tracking.logged_model import log_model
 
@@ -212,12 +285,15 @@ class MlflowTracker:
         self._system.start()
 
     def flush(self) -> None:
-        for op in self._pending:
-            if op is not None:
+        pending, self._pending = self._pending, []
+        for op in pending:
+            if op is not None and not self.lost:
                 op.wait()
-        self._pending.clear()
 
+    @_tolerant
     def finish(self, status: str, error: str | None = None) -> None:
+        if self.lost:
+            return
         if self._uploader is not None:
             self._uploader.close()  # a FINISHED run has all its checkpoint uploads done
             self._uploader = None
@@ -229,6 +305,23 @@ class MlflowTracker:
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         self.client.set_terminated(self.id, status)
+
+
+def _drop_queued_metrics(client: Any) -> None:
+    """Metrics still queued on MLflow's background logger are dropped (each would retry against
+    the lost store, one error line each, and the process would wait for them at exit)."""
+    from queue import Empty
+
+    logging.getLogger("mlflow.utils.async_logging").setLevel(logging.CRITICAL)
+    store_ = getattr(getattr(client, "_tracking_client", None), "store", None)
+    queued = getattr(getattr(store_, "_async_logging_queue", None), "_queue", None)
+    while queued is not None:
+        try:
+            batch = queued.get_nowait()
+        except Empty:
+            return
+        batch.exception = RuntimeError("the tracking store was lost")
+        batch.complete()  # whoever waits for it is told
 
 
 def _sample(monitor: Any) -> None:
@@ -319,6 +412,8 @@ def start(
     if cfg.tracking.backend == "none":
         return NullTracker()
     uri = store.resolve_uri(cfg.tracking.uri)
+    for variable, value in HTTP_LIMITS.items():
+        os.environ.setdefault(variable, value)
     try:
         store.check_reachable(uri)
     except store.TrackingUnavailable as exc:
