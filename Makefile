@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 #   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 ARGS   ?=
+# Test processes (pytest-xdist, a test file per process at a time): the suite is mostly
+# single-threaded tiny runs, so 2 use a 2-core machine; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install train test test-fast lint format ui server bench bench-full clean
 
@@ -24,10 +27,10 @@ train: install
 	$(VENV)/bin/tunelab train $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)

@@ -181,10 +181,22 @@ PRESTART = {"default_run": _default_run, "mlflow_server": _mlflow_server}
 _started: dict[str, Background] = {}
 
 
+# The longest files first: under xdist (`make test` runs 2 workers, a file per worker at a
+# time) they start at once and the short ones fill in around them.
+LONGEST_FIRST = ("test_default_run.py", "test_server.py", "test_distributed.py",
+                 "test_reliability.py", "test_sweeps.py", "test_checkpoints.py")  # fmt: skip
+
+
+def _longest_first(item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: only what selected tests need
 def pytest_collection_modifyitems(config, items) -> None:
-    if config.option.collectonly:
-        return
+    items.sort(key=_longest_first)  # stable: each file keeps its own order
+    if config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist each worker collects every test: started when first needed
     wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
     for name, start in PRESTART.items():
         if name in wanted and name not in _started:
