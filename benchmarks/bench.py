@@ -107,6 +107,11 @@ def run_plain(
         max_steps=cfg.training.max_steps,
         per_device_train_batch_size=cfg.training.batch_size,
         learning_rate=cfg.training.lr,
+        # The same optimisation as the tunelab run: only the framework differs.
+        weight_decay=cfg.training.weight_decay,
+        warmup_steps=cfg.training.warmup_steps,
+        lr_scheduler_type=cfg.training.lr_scheduler,
+        max_grad_norm=cfg.training.max_grad_norm,
         logging_steps=cfg.training.log_every,
         report_to="none",
         save_strategy="steps" if save_every else "no",
