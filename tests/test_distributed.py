@@ -180,3 +180,18 @@ def test_a_rank_that_dies_takes_the_other_down_with_one_line(tmp_path, empty_sto
     steps = committed_steps(ws.checkpoints())
     out = finish(torchrun(ws))
     assert f"checkpoint-{max(steps)}" in out
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one_with_a_warning(straight, tmp_path):
+    import shutil
+
+    source = the_run_dir(straight[0]) / "checkpoints"
+    step = min(committed_steps(source))
+    checkpoint = tmp_path / "from-two" / f"checkpoint-{step}"
+    shutil.copytree(source / f"checkpoint-{step}", checkpoint)
+    ws = new_workspace(tmp_path / "one", None)
+    result = ws.train(*COMMAND, f"resume={checkpoint}")
+    said = result.stdout + result.stderr
+    assert "was written by 2 process(es) and is resumed by 1" in said, said[-3000:]
+    manifest = artifacts.read_manifest(the_run_dir(ws) / "model")
+    assert manifest["step"] == 30 and manifest["resumed_from"] == str(checkpoint)

@@ -116,6 +116,24 @@ def same_run(run_dir: Any, run_id: str | None) -> str | None:
     return shared["run_id"]
 
 
+def note_resume(checkpoint: Any) -> None:
+    """Warn when `checkpoint` was written by another number of processes than resume it: the
+    run continues from its step, but each rank's random state is its own, so not bit-exactly."""
+    if checkpoint is None or not is_main():
+        return
+    from pathlib import Path
+
+    writers = len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1
+    if writers != world_size():
+        log.warning(
+            "%s was written by %d process(es) and is resumed by %d: training continues from its "
+            "step, but not bit-exactly (random states are per process)",
+            Path(checkpoint).name,
+            writers,
+            world_size(),
+        )
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (a collective: all ranks must call it)."""
     import torch.distributed as dist

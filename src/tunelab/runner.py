@@ -68,6 +68,7 @@ def _run(
         tags = tracking.run_tags(run_dir, overrides, extra=tags)
         return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
     resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
+    distributed.note_resume(resume_from)
 
     # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
     cache = Path(cfg.output.root) / ".cache" / "datasets"  # shared by resumes and sweep jobs
