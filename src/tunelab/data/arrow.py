@@ -268,25 +268,38 @@ def _is_string(kind: Any) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
-def _conversations_ok(column: Any) -> Any:
-    """Per row: a list of {role, content} strings with at least one assistant turn."""
+def _list_items(column: Any, item_ok: Any) -> Any:
+    """(column as one array, its items flattened, each item's row) for a list column whose item
+    type passes `item_ok`; None for any other column (no row of it is valid)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    n = len(column)
     kind = column.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not item_ok(kind.value_type):
+        return None
+    return column, pc.list_flatten(column), np.asarray(pc.list_parent_indices(column))
+
+
+def _conversations_ok(column: Any) -> Any:
+    """Per row: a list of {role, content} strings with at least one assistant turn."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def turns(item: Any) -> bool:
+        fields = ("role", "content")
+        return pa.types.is_struct(item) and all(
+            item.get_field_index(f) >= 0 and _is_string(item.field(f).type) for f in fields
+        )
+
+    n = len(column)
+    found = _list_items(column, turns)
+    if found is None:
         return np.zeros(n, bool)
-    item = kind.value_type
-    if not pa.types.is_struct(item) or not all(
-        item.get_field_index(f) >= 0 and _is_string(item.field(f).type) for f in ("role", "content")
-    ):
-        return np.zeros(n, bool)
-    flat = pc.list_flatten(column)
-    parents = np.asarray(pc.list_parent_indices(column))
+    column, flat, parents = found
     role, content = pc.struct_field(flat, "role"), pc.struct_field(flat, "content")
     ok = np.asarray(pc.and_(pc.and_(flat.is_valid(), role.is_valid()), content.is_valid()))
     assistant = ok & np.asarray(pc.fill_null(pc.equal(role, "assistant"), False))
@@ -298,19 +311,12 @@ def _conversations_ok(column: Any) -> Any:
 def _words_ok(column: Any) -> Any:
     """Per row: a list of strings (the words of a token classification row)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
     n = len(column)
-    kind = column.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+    found = _list_items(column, _is_string)
+    if found is None:
         return np.zeros(n, bool)
-    if not _is_string(kind.value_type):
-        return np.zeros(n, bool)
-    flat = pc.list_flatten(column)
-    parents = np.asarray(pc.list_parent_indices(column))
+    column, flat, parents = found
     missing = np.bincount(parents[~np.asarray(flat.is_valid(), dtype=bool)], minlength=n)
     return np.asarray(column.is_valid(), dtype=bool) & (missing == 0)
 
