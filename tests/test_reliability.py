@@ -434,22 +434,24 @@ def test_a_signal_while_the_run_is_created_leaves_no_orphan_and_nothing_running(
 
 
 @pytest.mark.slow
-def test_a_second_sigterm_still_lets_the_checkpoint_in_flight_commit(workspace):
+@pytest.mark.parametrize("phase", ["staged", "written", "synchronous"])
+def test_a_second_sigterm_still_lets_the_checkpoint_in_flight_commit(workspace, phase):
     ready_store(workspace)
-    slow_write = {"TUNELAB_TEST_COMMIT_DELAY": "2"}
-    proc = popen(workspace, extra_env=slow_write)
+    # Held 2 s while its state is copied at the step boundary, while written in the background,
+    # or (synchronous writes) before its manifest: a second SIGTERM then must not cut it.
+    hold = "STAGE" if phase == "staged" else "COMMIT"
+    extra = ["checkpoint.async_write=false"] if phase == "synchronous" else []
+    proc = popen(workspace, *extra, extra_env={f"TUNELAB_TEST_{hold}_DELAY": "2"})
     wait_for(lambda: committed(workspace), proc)
     before = committed(workspace)
     proc.send_signal(signal.SIGTERM)
     root = workspace.run_dirs()[0] / "checkpoints"
-    # The stop checkpoint is being written (held 2 s): a second SIGTERM now must not cut it.
-    wait_for(
-        lambda: any(
-            p.name.endswith(".partial") and max(before) < int(p.name.split("-")[1].split(".")[0])
-            for p in root.iterdir()
-        ),
-        proc,
-    )
+
+    def in_flight() -> bool:
+        steps = [int(p.name.split("-")[1].split(".")[0]) for p in root.iterdir()]
+        return any(step > max(before) and step not in committed(workspace) for step in steps)
+
+    wait_for(in_flight, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out

@@ -30,6 +30,7 @@ CHECKSUM = "xxh3_128"
 # Testing hook: seconds a checkpoint stays uncommitted (before the background write, or between
 # Trainer's synchronous write and the manifest), so a test can kill the process mid-commit.
 _COMMIT_DELAY = "TUNELAB_TEST_COMMIT_DELAY"
+STAGE_DELAY = "TUNELAB_TEST_STAGE_DELAY"  # holds a background checkpoint while it is staged
 
 # Told of each commit: the new checkpoint, what rotation removed, the best checkpoint now.
 OnCommit = Callable[[Path, list[Path], "Path | None"], None]
@@ -100,8 +101,8 @@ def commit(
         artifacts.fsync_dir(ckpt.parent)  # the checkpoint's own entry in checkpoints/
 
 
-def test_delay() -> None:
-    delay = float(os.environ.get(_COMMIT_DELAY, "0") or 0)
+def test_delay(variable: str = _COMMIT_DELAY) -> None:
+    delay = float(os.environ.get(variable, "0") or 0)
     if delay:
         time.sleep(delay)
 

@@ -2,7 +2,9 @@
 same command resumes).
 
 - The first signal asks for a checkpoint at the next step boundary, then a stop.
-- A second one stops at once; a checkpoint being written still completes first.
+- A second one stops at once; a checkpoint being written still completes first, including one
+  whose state is still being copied at the step boundary (`deferred` around that copy: stopping
+  in the middle of it left a `.partial` directory that nothing would ever commit).
 - A third one stops without waiting for that write (its `.partial` directory is removed at the
   next start; older checkpoints are intact).
 
@@ -75,12 +77,13 @@ class StopOnSignal(TrainerCallback):
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        """A signal inside the block is held until `raise_pending`."""
-        self._deferring = True
+        """A signal that would stop the run inside the block is held until `raise_pending`
+        (a third one during training is not: it abandons the checkpoint in flight)."""
+        outer, self._deferring = self._deferring, True
         try:
             yield
         finally:
-            self._deferring = False
+            self._deferring = outer
 
     def raise_pending(self) -> None:
         if self._pending is not None:
@@ -94,16 +97,18 @@ class StopOnSignal(TrainerCallback):
         self._last = now
         self.count += 1
         name = signal.Signals(signum).name
+        if self.count >= 3 and self.received is not None:
+            log.warning("%s again: stopping without waiting for the checkpoint in flight", name)
+            raise AbandonWrite(signum)  # even inside `deferred`: the user insists
+        if self.training and self.received is None:
+            self.received = signum
+            log.warning("%s received: checkpointing at the next step, then stopping", name)
+            return
+        # Not in the loop yet, or a second signal: stop now, or once the deferred block ends.
         if self._deferring:
             self._pending = signum
             return
-        if self.count >= 3 and self.received is not None:
-            log.warning("%s again: stopping without waiting for the checkpoint in flight", name)
-            raise AbandonWrite(signum)
-        if not self.training or self.received is not None:
-            raise Interrupted(signum)  # not in the loop yet, or a second signal: stop now
-        self.received = signum
-        log.warning("%s received: checkpointing at the next step, then stopping", name)
+        raise Interrupted(signum)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.training = True

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +23,7 @@ from tunelab import distributed, metrics, snapshots
 from tunelab.checkpoints.protocol import (
     ARGS_JSON,
     PREFIX,
+    STAGE_DELAY,
     IncompleteCheckpoint,
     OnCommit,
     commit,
@@ -29,7 +32,7 @@ from tunelab.checkpoints.protocol import (
 )
 from tunelab.checkpoints.protocol import test_delay as _test_delay
 from tunelab.checkpoints.rotation import best_checkpoint, rotate
-from tunelab.checkpoints.signals import AbandonWrite
+from tunelab.checkpoints.signals import AbandonWrite, StopOnSignal
 
 log = logging.getLogger("tunelab")
 
@@ -111,9 +114,10 @@ class CheckpointingTrainer(Trainer):
         step = self.state.global_step
         path = root / f"{PREFIX}{step}"
         try:
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                commit(path, step, self.state.epoch, _metrics_at(self.state, step))
+            with self._signals_held():
+                super()._save_checkpoint(model, trial)
+                if self.args.should_save:
+                    commit(path, step, self.state.epoch, _metrics_at(self.state, step))
         # A full disk, permissions; torch.save reports a failed write as a RuntimeError.
         except (OSError, RuntimeError, SafetensorError, IncompleteCheckpoint) as exc:
             if self.args.should_save and not (path / "manifest.json").exists():
@@ -172,6 +176,10 @@ class CheckpointingTrainer(Trainer):
         rng_states = self._gathered_rng_states()
         if not self.args.should_save:
             return  # DDP: every rank holds the same state, rank 0 writes it
+        with self._signals_held():  # from the `.partial` directory to the writer's start
+            self._stage_and_write(trial, rng_states)
+
+    def _stage_and_write(self, trial: Any, rng_states: list[bytes] | None) -> None:
         root = Path(self._get_output_dir(trial=trial))
         step = self.state.global_step
         final, partial = root / f"{PREFIX}{step}", partial_dir(root, step)
@@ -211,6 +219,7 @@ class CheckpointingTrainer(Trainer):
             self._save_scaler(str(partial))
             self.state.save_to_json(str(partial / "trainer_state.json"))
             (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+            _test_delay(STAGE_DELAY)  # a test signals the process right here
         except OSError as exc:  # a full disk, before the background part even starts
             shutil.rmtree(partial, ignore_errors=True)
             raise snapshots.CheckpointWriteFailed(
@@ -233,6 +242,20 @@ class CheckpointingTrainer(Trainer):
             self._rotated(root, final)
 
         self.writer.start(write, f"checkpoint-{step}")
+
+    @contextmanager
+    def _signals_held(self) -> Iterator[None]:
+        """A second SIGTERM/SIGINT inside the block takes effect at its end, so a checkpoint
+        is never left half-staged where nothing would commit it (see checkpoints.signals)."""
+        stopper = next(
+            (cb for cb in self.callback_handler.callbacks if isinstance(cb, StopOnSignal)), None
+        )
+        if stopper is None:
+            yield
+            return
+        with stopper.deferred():
+            yield
+        stopper.raise_pending()
 
     def _export_callback_state(self) -> None:
         from transformers.trainer_callback import ExportableState
