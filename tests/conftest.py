@@ -427,7 +427,8 @@ def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 1
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
+            out = proc.stdout.read()[-3000:] if proc.stdout else "(its output went to a file)"
+            raise AssertionError(f"process ended early:\n{out}")
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.02)

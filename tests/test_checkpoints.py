@@ -103,7 +103,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path, empty_s
     straight.train(*LONGER)
 
     proc = workspace.popen(*LONGER, **SLOW_COMMITS)
-    wait_for(lambda: 28 in committed_steps(workspace.checkpoints()), proc=proc)
+    wait_for(lambda: max(committed_steps(workspace.checkpoints()) or [0]) >= 28, proc=proc)
     proc.kill()
     proc.wait()
     newest = max(committed_steps(workspace.checkpoints()))
@@ -118,18 +118,19 @@ def test_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path, empty_s
 
 
 def test_sigterm_checkpoints_marks_killed_and_the_same_command_resumes(workspace):
-    # A checkpoint every 10 steps: with slow commits the run cannot get past step 50 within
-    # 2 x 0.4 s of checkpoint 20 appearing, so SIGTERM lands before the end.
+    # A checkpoint every 10 steps, each commit held 1 s: the run cannot reach its end within
+    # 3 s of checkpoint 20 appearing, so SIGTERM lands before it.
     command = [*LONGER, "checkpoint.every=10"]
-    proc = workspace.popen(*command, **SLOW_COMMITS)
-    wait_for(lambda: 20 in committed_steps(workspace.checkpoints()), proc=proc)
+    proc = workspace.popen(*command, TUNELAB_TEST_COMMIT_DELAY="1")
+    wait_for(lambda: max(committed_steps(workspace.checkpoints()) or [0]) >= 20, proc=proc)
+    seen = max(committed_steps(workspace.checkpoints()))
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "run the same command again to resume" in out
     steps = committed_steps(workspace.checkpoints())
     stopped_at = max(steps)
-    assert 20 < stopped_at < 60, steps  # written at the step boundary after the signal
+    assert seen < stopped_at < 60, steps  # written at the step boundary after the signal
     client, (run,) = runs_of(workspace)
     assert run.info.status == "KILLED"
     assert "SIGTERM" in run.data.tags["tunelab.error"]

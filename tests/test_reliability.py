@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -388,11 +389,13 @@ def committed(ws: Workspace) -> list[int]:
 @pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace):
     ready_store(workspace)
-    first = popen(workspace, "training.max_steps=40")
+    # Each commit held 1 s: the first still runs 14 s after its first checkpoint, time enough
+    # for the second to start, however loaded the machine.
+    first = popen(workspace, "training.max_steps=60", extra_env={"TUNELAB_TEST_COMMIT_DELAY": "1"})
     try:
         wait_for(lambda: committed(workspace), first)
         began = time.monotonic()
-        second = popen(workspace, "training.max_steps=40")
+        second = popen(workspace, "training.max_steps=60")
         out = second.communicate(timeout=120)[0]
         assert second.returncode == 1, out
         assert time.monotonic() - began < 60  # refused at once, not after training
@@ -414,7 +417,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace
 @pytest.mark.parametrize("how", ["sigterm", "kill-9"])
 def test_a_signal_while_the_run_is_created_leaves_no_orphan_and_nothing_running(workspace, how):
     ready_store(workspace)
-    hold = {"TUNELAB_TEST_START_DELAY": "3"}
+    hold = {"TUNELAB_TEST_START_DELAY": "5"}  # seconds between the run and its record
     proc = popen(workspace, "training.max_steps=8", extra_env=hold)
     wait_for(lambda: store_runs(workspace), proc)  # the MLflow run exists, its record not yet
     assert "mlflow_run_id" not in artifacts.read_run_record(workspace.run_dirs()[0])
@@ -447,8 +450,9 @@ def test_a_second_sigterm_still_lets_the_checkpoint_in_flight_commit(workspace, 
     proc.send_signal(signal.SIGTERM)
     root = workspace.run_dirs()[0] / "checkpoints"
 
-    def in_flight() -> bool:
-        steps = [int(p.name.split("-")[1].split(".")[0]) for p in root.iterdir()]
+    def in_flight() -> bool:  # checkpoint-N or .checkpoint-N.partial, N newer, not committed
+        names = [re.fullmatch(r"\.?checkpoint-(\d+)(\.partial)?", p.name) for p in root.iterdir()]
+        steps = [int(m[1]) for m in names if m]
         return any(step > max(before) and step not in committed(workspace) for step in steps)
 
     wait_for(in_flight, proc)
@@ -461,6 +465,23 @@ def test_a_second_sigterm_still_lets_the_checkpoint_in_flight_commit(workspace, 
     assert artifacts.verify_manifest(root / f"checkpoint-{max(after)}") == []
     (run,) = store_runs(workspace)
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_while_the_run_ends_still_marks_it_killed(workspace):
+    ready_store(workspace)
+    proc = popen(workspace, extra_env={"TUNELAB_TEST_FINISH_DELAY": "3"})  # before the status
+    wait_for(lambda: committed(workspace), proc)
+    before = committed(workspace)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: max(committed(workspace)) > max(before), proc)  # the stop checkpoint
+    time.sleep(1)  # into the 3 s hold before the KILLED status is written
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out
+    (run,) = store_runs(workspace)
+    assert run.info.status == "KILLED", out  # not left RUNNING
 
 
 @pytest.mark.slow

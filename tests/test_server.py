@@ -207,7 +207,7 @@ def test_a_store_lost_mid_run_keeps_the_model_and_the_same_command_uploads_it(te
             *tiny("training.max_steps=40", "checkpoint=steps", "checkpoint.every=4")]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", *args], cwd=tmp_path,
-        env=env(TUNELAB_TEST_COMMIT_DELAY="0.3"),
+        env=env(TUNELAB_TEST_COMMIT_DELAY="0.8"),  # 7 s from the first commit to the end
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     checkpoints = tmp_path / "outputs" / "lost-mid-run"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tunelab import (
     metrics,
     sweeps,
     tasks,
+    testhooks,
     tracking,
 )
 from tunelab import model as models
@@ -83,7 +83,7 @@ def _run(
     tags["tunelab.fingerprint"] = record["fingerprint"]  # a kill -9 orphan is found by it
     if prepared.truncated_rows:
         tags = {**tags, "tunelab.data.truncated_rows": str(prepared.truncated_rows)}
-    with StopOnSignal() as stopper:
+    with StopOnSignal() as stopper, contextlib.ExitStack() as recorded:
         # A signal now takes effect once the run is recorded (rank 0; the other ranks, waiting
         # for rank 0's run id, stop at once: rank 0 may be gone).
         with stopper.deferred() if main_process else contextlib.nullcontext():
@@ -93,59 +93,58 @@ def _run(
                 if main_process
                 else tracking.NullTracker()
             )
-            _test_hold("TUNELAB_TEST_START_DELAY")  # a test signals the process right here
+            # From here the run ends FINISHED, FAILED or KILLED, whatever stops it.
+            recorded.enter_context(tracking.recording(tracker, held=stopper.deferred))
+            testhooks.hold("START")  # a test signals the process right here
             if main_process:
                 artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
             run_id = distributed.same_run(run_dir, tracker.run_id)  # rank 0's, on every rank
-        with tracking.recording(tracker):
-            stopper.raise_pending()
-            _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
-            model = models.load_model(cfg.model, tokenizer, source, task, rows)
-            model = models.apply_peft(model, cfg.peft, cfg.model.task)  # peft=lora: an adapter
-            n_params, n_trainable = models.parameter_count(model)
-            base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
-            tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)
+        stopper.raise_pending()
+        _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
+        model = models.load_model(cfg.model, tokenizer, source, task, rows)
+        model = models.apply_peft(model, cfg.peft, cfg.model.task)  # peft=lora: an adapter
+        n_params, n_trainable = models.parameter_count(model)
+        base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
+        tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)
 
-            extra = [TrackingCallback(tracker), stopper, *callbacks]
-            args = training_arguments(cfg, run_dir, has_eval=prepared.eval is not None)
-            trainer = _trainer(cfg, args, model, tokenizer, task, prepared, rows, tracker, extra)
-            tracking.log_processes(tracker, distributed.parameters(trainer.args))
-            train_out = trainer.train(
-                resume_from_checkpoint=str(resume_from) if resume_from else None
-            )
-            if stopper.received and trainer.state.global_step < trainer.state.max_steps:
-                raise Interrupted(stopper.received)  # checkpointed at the step boundary
-            final = dict(train_out.metrics)
-            if prepared.eval is not None:
-                final.update(trainer.evaluate())
-            objective = sweeps.objective_name(cfg, final, rows.has_completions)
+        extra = [TrackingCallback(tracker), stopper, *callbacks]
+        args = training_arguments(cfg, run_dir, has_eval=prepared.eval is not None)
+        trainer = _trainer(cfg, args, model, tokenizer, task, prepared, rows, tracker, extra)
+        tracking.log_processes(tracker, distributed.parameters(trainer.args))
+        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if stopper.received and trainer.state.global_step < trainer.state.max_steps:
+            raise Interrupted(stopper.received)  # checkpointed at the step boundary
+        final = dict(train_out.metrics)
+        if prepared.eval is not None:
+            final.update(trainer.evaluate())
+        objective = sweeps.objective_name(cfg, final, rows.has_completions)
 
-            info = artifacts.ArtifactInfo(
-                run_name=name,
-                step=trainer.state.global_step,
-                epoch=trainer.state.epoch,
-                metrics=final,
-                base_model=base,
-                parameters=n_params,
-                data_source=rows.source,
-                data_digest=rows.digest,
-                mlflow_run_id=run_id,
-                overrides=list(overrides),
-                resumed_from=str(resume_from) if resume_from else None,
-                task=cfg.model.task,
-                auto_class=task.AUTO_CLASS,
-                labels=models.label_names(model),
-            )
-            artifact = run_dir / "model"
-            weights = models.full_state_dict(trainer)  # FSDP: gathered from every rank
-            if main_process:
-                yaml = OmegaConf.to_yaml(resolved)
-                artifacts.save_final(artifact, model, tokenizer, yaml, info, weights)
-            # The artifact is on disk before MLflow hears of it: a store lost now loses nothing.
-            tracking.log_outcome(tracker, objective, sweeps.direction(cfg, objective))
-            tracker.log_model(artifact, final, trainer.state.global_step)
-            if (run_dir / ".hydra").is_dir():
-                tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+        info = artifacts.ArtifactInfo(
+            run_name=name,
+            step=trainer.state.global_step,
+            epoch=trainer.state.epoch,
+            metrics=final,
+            base_model=base,
+            parameters=n_params,
+            data_source=rows.source,
+            data_digest=rows.digest,
+            mlflow_run_id=run_id,
+            overrides=list(overrides),
+            resumed_from=str(resume_from) if resume_from else None,
+            task=cfg.model.task,
+            auto_class=task.AUTO_CLASS,
+            labels=models.label_names(model),
+        )
+        artifact = run_dir / "model"
+        weights = models.full_state_dict(trainer)  # FSDP: gathered from every rank
+        if main_process:
+            yaml = OmegaConf.to_yaml(resolved)
+            artifacts.save_final(artifact, model, tokenizer, yaml, info, weights)
+        # The artifact is on disk before MLflow hears of it: a store lost now loses nothing.
+        tracking.log_outcome(tracker, objective, sweeps.direction(cfg, objective))
+        tracker.log_model(artifact, final, trainer.state.global_step)
+        if (run_dir / ".hydra").is_dir():
+            tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
 
     return RunResult(
         run_dir=run_dir,
@@ -266,6 +265,7 @@ def _trainer(
         callbacks=callbacks,
         checkpoint=cfg.checkpoint,
         on_commit=tracker.checkpoint_hook(cfg.tracking.log_checkpoints),
+        before_commit=tracker.settle,  # the steps a resume will not log again are stored
     )
 
 
@@ -326,14 +326,6 @@ def training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool) -> Any:
         data_seed=cfg.seed,
         **trainer_arguments(cfg.checkpoint),
     )
-
-
-def _test_hold(variable: str) -> None:
-    seconds = float(os.environ.get(variable) or 0)
-    if seconds:
-        import time
-
-        time.sleep(seconds)
 
 
 def _seed(seed: int) -> None:

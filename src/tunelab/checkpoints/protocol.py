@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab import artifacts
+from tunelab import artifacts, testhooks
 
 log = logging.getLogger("tunelab")
 
@@ -27,10 +27,6 @@ PARTIAL = ".partial"  # `.checkpoint-<step>.partial/`: being written in the back
 CORRUPT = ".corrupt"  # checkpoints whose files no longer match their manifest are moved here
 ARGS_JSON = "training_args.json"
 CHECKSUM = "xxh3_128"
-# Testing hook: seconds a checkpoint stays uncommitted (before the background write, or between
-# Trainer's synchronous write and the manifest), so a test can kill the process mid-commit.
-_COMMIT_DELAY = "TUNELAB_TEST_COMMIT_DELAY"
-STAGE_DELAY = "TUNELAB_TEST_STAGE_DELAY"  # holds a background checkpoint while it is staged
 
 # Told of each commit: the new checkpoint, what rotation removed, the best checkpoint now.
 OnCommit = Callable[[Path, list[Path], "Path | None"], None]
@@ -86,7 +82,7 @@ def commit(
     are there and are renamed to `ckpt` after. `known`: checksums already taken from memory, by
     file name."""
     if written is None:
-        test_delay()
+        testhooks.hold("COMMIT")
     lacking = missing(written or ckpt, required)
     if lacking:
         raise IncompleteCheckpoint(
@@ -99,12 +95,6 @@ def commit(
         artifacts.replace_dir(written, ckpt)  # fsyncs checkpoints/
     else:
         artifacts.fsync_dir(ckpt.parent)  # the checkpoint's own entry in checkpoints/
-
-
-def test_delay(variable: str = _COMMIT_DELAY) -> None:
-    delay = float(os.environ.get(variable, "0") or 0)
-    if delay:
-        time.sleep(delay)
 
 
 def partial_dir(root: Path, step: int) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -19,18 +19,16 @@ from typing import Any, cast
 from safetensors import SafetensorError
 from transformers import Trainer
 
-from tunelab import distributed, metrics, snapshots
+from tunelab import distributed, metrics, snapshots, testhooks
 from tunelab.checkpoints.protocol import (
     ARGS_JSON,
     PREFIX,
-    STAGE_DELAY,
     IncompleteCheckpoint,
     OnCommit,
     commit,
     committed,
     partial_dir,
 )
-from tunelab.checkpoints.protocol import test_delay as _test_delay
 from tunelab.checkpoints.rotation import best_checkpoint, rotate
 from tunelab.checkpoints.signals import AbandonWrite, StopOnSignal
 
@@ -55,12 +53,19 @@ def trainer_arguments(cfg: Any) -> dict[str, Any]:
 
 class CheckpointingTrainer(Trainer):
     """`checkpoint`: the run's checkpoint config; `on_commit`: see OnCommit (called from the
-    writer thread when checkpoints are written in the background)."""
+    writer thread when checkpoints are written in the background); `before_commit`: called
+    before each commit (the tracker's `settle`)."""
 
     def __init__(
-        self, *args: Any, checkpoint: Any, on_commit: OnCommit | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        checkpoint: Any,
+        on_commit: OnCommit | None = None,
+        before_commit: Callable[[], None] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.before_commit = before_commit or (lambda: None)
         self.keep: int | None = checkpoint.keep
         self.best_metric: str | None = checkpoint.metric
         self.best_mode: str | None = checkpoint.mode
@@ -117,6 +122,7 @@ class CheckpointingTrainer(Trainer):
             with self._signals_held():
                 super()._save_checkpoint(model, trial)
                 if self.args.should_save:
+                    self.before_commit()
                     commit(path, step, self.state.epoch, _metrics_at(self.state, step))
         # A full disk, permissions; torch.save reports a failed write as a RuntimeError.
         except (OSError, RuntimeError, SafetensorError, IncompleteCheckpoint) as exc:
@@ -219,7 +225,7 @@ class CheckpointingTrainer(Trainer):
             self._save_scaler(str(partial))
             self.state.save_to_json(str(partial / "trainer_state.json"))
             (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
-            _test_delay(STAGE_DELAY)  # a test signals the process right here
+            testhooks.hold("STAGE")  # a test signals the process right here
         except OSError as exc:  # a full disk, before the background part even starts
             shutil.rmtree(partial, ignore_errors=True)
             raise snapshots.CheckpointWriteFailed(
@@ -228,13 +234,14 @@ class CheckpointingTrainer(Trainer):
         epoch, at_step = self.state.epoch, _metrics_at(self.state, step)
 
         def write() -> None:
-            _test_delay()  # training goes on meanwhile: the snapshot must not change
+            testhooks.hold("COMMIT")  # training goes on meanwhile: the snapshot must not change
             try:
                 known = snapshots.save_weights(unwrapped, weights, partial)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(partial)
                 known |= snapshots.save_optimizer(optimizer, partial)
                 snapshots.save_scheduler(scheduler, partial)
+                self.before_commit()
                 commit(final, step, epoch, at_step, written=partial, known=known)
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)  # frees the space it took

@@ -10,11 +10,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tunelab import artifacts
+from tunelab import artifacts, testhooks
 from tunelab.tracking import store
 from tunelab.tracking.liveness import process_tags, repair_stale
 from tunelab.tracking.uploads import OnCommit
@@ -35,6 +35,7 @@ class Tracker(Protocol):
     continued: bool  # an earlier process of this run already logged its params
 
     def checkpoint_hook(self, policy: str) -> OnCommit | None: ...
+    def settle(self) -> None: ...
     def log_params(self, params: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None: ...
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
@@ -57,6 +58,9 @@ class NullTracker:
 
     def checkpoint_hook(self, policy: str) -> OnCommit | None:
         return None
+
+    def settle(self) -> None:
+        pass
 
     def log_params(self, params: dict[str, str]) -> None:
         pass
@@ -148,6 +152,7 @@ class MlflowTracker:
 
         self.uri = uri
         self.lost: str | None = None  # why the store stopped answering mid-run
+        self._losing = threading.Lock()
         self._pending: list[Any] = []
         self._uploader: Any = None
         self._system: Any = None
@@ -172,7 +177,10 @@ class MlflowTracker:
 
     def lose(self, exc: BaseException) -> None:
         """The store stopped answering: say so once, and log nothing more from this process."""
-        self.lost = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        with self._losing:  # the training loop and the checkpoint writer may both find out
+            if self.lost:
+                return
+            self.lost = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         self.ui_hint = None
         _drop_queued_metrics(self.client)
         if self._uploader is not None:  # checkpoint uploads not started yet: dropped
@@ -284,6 +292,12 @@ class MlflowTracker:
         _sample(self._system)  # the sampler's first tick is after 5 s: a short run needs one now
         self._system.start()
 
+    @_tolerant
+    def settle(self) -> None:
+        """Called before each checkpoint commits: the metrics logged so far are in the store,
+        so a kill -9 right after the commit loses none (the resume logs only later steps)."""
+        self.flush()
+
     def flush(self) -> None:
         pending, self._pending = self._pending, []
         for op in pending:
@@ -302,6 +316,7 @@ class MlflowTracker:
             _sample(self._system)  # and one at the end, however short the run was
             self._system = None
         self.flush()
+        testhooks.hold("FINISH")  # a test signals the process right here
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         self.client.set_terminated(self.id, status)
@@ -439,17 +454,24 @@ def start(
 
 
 @contextmanager
-def recording(tracker: Tracker) -> Iterator[None]:
-    """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C)."""
+def recording(
+    tracker: Tracker, held: Callable[[], AbstractContextManager[Any]] = nullcontext
+) -> Iterator[None]:
+    """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C).
+    `held`: a block in which a further Ctrl-C/SIGTERM waits (the run ends stopped anyway), so
+    the run's status is always written rather than left RUNNING."""
     try:
         yield
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT after the checkpoint
-        tracker.finish("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
+        with held():
+            tracker.finish("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
         raise
     except BaseException as exc:
-        tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+        with held():
+            tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
         raise
-    tracker.finish("FINISHED")
+    with held():
+        tracker.finish("FINISHED")
 
 
 def log_inputs(
