@@ -425,3 +425,25 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_
     _, (run,) = runs_of(workspace)
     assert run.info.status == "FAILED"
     assert "No space left on device" in run.data.tags["tunelab.error"]
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_model(workspace):
+    """Killed between the commit of the checkpoint at max_steps and the artifact: the same
+    command takes no further step (Trainer would take one more, as 8 steps are not a whole
+    number of 16-batch epochs) and writes the model the first process would have written.
+    Its output holds tunelab's lines only: no warnings of transformers' about the resume."""
+    command = ["checkpoint=steps", "checkpoint.every=4"]
+    workspace.train(*command)
+    model = run_dir_of(workspace) / "model"
+    digest = artifacts.sha256_file(model / "model.safetensors")
+    shutil.rmtree(model)  # as if killed right after checkpoint-8 was committed
+
+    proc = workspace.popen(*command)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert f"resuming from {workspace.checkpoints() / 'checkpoint-8'}" in out
+    assert artifacts.read_manifest(model)["step"] == 8
+    assert committed_steps(workspace.checkpoints()) == [4, 8]
+    assert artifacts.sha256_file(model / "model.safetensors") == digest
+    for noise in ("missing keys", "loss_type", "Writing model shards", "Traceback"):
+        assert noise not in out, out

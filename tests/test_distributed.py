@@ -41,22 +41,24 @@ COMMAND = [
 SLOW_COMMITS = {"TUNELAB_TEST_COMMIT_DELAY": "0.8"}
 
 
-def torchrun(ws: Workspace, *overrides: str, **extra_env: str) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node=2 -m tunelab train ...` in its own process
-    group (so the test can kill the whole group, as a scheduler would)."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
+def torchrun(
+    ws: Workspace, *overrides: str, launcher: str = "torchrun", **extra_env: str
+) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=2 -m tunelab train ...` (or, with
+    launcher="tunelab", `tunelab launch --standalone --nproc_per_node=2 train ...`) in its own
+    process group (so the test can kill the whole group, as a scheduler would)."""
+    launch = {
+        "torchrun": [
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
             "-m",
             "tunelab",
-            "train",
-            *ws.base(),
-            *tiny(*COMMAND, *overrides),
-        ],  # fmt: skip
+        ],
+        "tunelab": ["tunelab", "launch", "--standalone", "--nproc_per_node=2"],
+    }[launcher]
+    return subprocess.Popen(
+        [sys.executable, "-m", *launch, "train", *ws.base(), *tiny(*COMMAND, *overrides)],
         cwd=ws.root,
         env=env(**extra_env),
         stdout=subprocess.PIPE,
@@ -134,20 +136,22 @@ def test_sigterm_then_kill_9_of_the_group_then_the_same_command_ends_bit_identic
     straight, tmp_path, empty_store
 ):
     ws = new_workspace(tmp_path / "ws", empty_store)
-    # 1. SIGTERM to torchrun: every rank checkpoints at the same step and stops; KILLED.
-    proc = torchrun(ws, **SLOW_COMMITS)
+    # 1. SIGTERM to the launcher (`tunelab launch`, torchrun's agent in tunelab's process):
+    # every rank checkpoints at the same step and stops; KILLED; one line, no traceback.
+    proc = torchrun(ws, launcher="tunelab", **SLOW_COMMITS)
     wait_for(lambda: max(committed_steps(ws.checkpoints()) or [0]) >= 5, proc)
     seen = max(committed_steps(ws.checkpoints()))
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     stopped_at = max(committed_steps(ws.checkpoints()))
     assert seen < stopped_at < 30, out[-3000:]
     assert out.count("run the same command again to resume") == 1, out[-3000:]
     client, (run,) = runs_of(ws)
     assert run.info.status == "KILLED"
 
-    # 2. The same command resumes; kill -9 of every process after a later commit.
+    # 2. The same run launched by torchrun resumes; kill -9 of every process after a commit.
     proc = torchrun(ws, **SLOW_COMMITS)
     wait_for(lambda: max(committed_steps(ws.checkpoints())) > stopped_at, proc)
     kill_everything(proc)
@@ -165,16 +169,19 @@ def test_sigterm_then_kill_9_of_the_group_then_the_same_command_ends_bit_identic
 
 def test_a_rank_that_dies_takes_the_other_down_with_one_line(tmp_path, empty_store):
     ws = new_workspace(tmp_path / "ws", empty_store)
-    proc = torchrun(ws, **SLOW_COMMITS)
+    proc = torchrun(ws, launcher="tunelab", **SLOW_COMMITS)
     wait_for(lambda: max(committed_steps(ws.checkpoints()) or [0]) >= 5, proc)
     workers = [p for p in psutil.Process(proc.pid).children() if "tunelab" in " ".join(p.cmdline())]
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.kill()
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0
+    assert proc.returncode == 1, out[-4000:]
     lines = [line for line in out.splitlines() if "another process of this run stopped" in line]
     assert len(lines) == 1, out[-4000:]
     assert lines[0].startswith("tunelab: rank 0:"), lines
+    # The launcher names the rank that died, in one line of its own; no traceback of torchrun's.
+    said = f"tunelab launch: rank 1 (pid {rank1.pid}) was killed by SIGKILL"
+    assert out.count(said) == 1 and "Traceback" not in out, out[-4000:]
     client, (run,) = runs_of(ws)
     assert run.info.status in ("FAILED", "KILLED")
     # What was committed resumes.

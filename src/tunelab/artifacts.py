@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -74,7 +75,8 @@ def save_final(
         info = replace(info, peft=save_adapter(model, tmp / ADAPTER_DIR))
         model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuses NaN weights
         info = replace(info, parameters=sum(p.numel() for p in model.parameters()))
-    model.save_pretrained(tmp, state_dict=state_dict)  # safetensors, nothing else
+    with _no_progress_bars():  # a bar per shard written, in every run's log
+        model.save_pretrained(tmp, state_dict=state_dict)  # safetensors, nothing else
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG).write_text(resolved_config, encoding="utf-8")
     (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
@@ -85,6 +87,19 @@ def save_final(
             file.chmod(0o444)
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def save_adapter(model: Any, out_dir: Path) -> dict[str, Any]:

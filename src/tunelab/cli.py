@@ -25,6 +25,8 @@ usage: tunelab <command> [args]
 
 commands:
   train [overrides]   train one run (Hydra: `-m` sweeps, `--cfg job`, `--help`, `-cd DIR`)
+  launch [torchrun options] train [overrides]
+                      the same run in several processes (DDP): torchrun, a line per fault
   runs                recent runs: name, status, key metrics, duration, artifact
   export RUN_ID DIR   download a run's model, ready for from_pretrained(DIR)
   generate PATH|RUN_ID PROMPT
@@ -45,6 +47,7 @@ examples:
   tunelab train training.lr=1e-3 checkpoint=steps checkpoint.every=200 checkpoint.keep=2
   tunelab train -m training.lr=1e-4,3e-4 seed=1,2
   tunelab train experiment=addition_small
+  tunelab launch --standalone --nproc_per_node 2 train training.lr=1e-4
   tunelab train model=hf model.name_or_path=PATH data=text_files data.train=a.jsonl
 """
 
@@ -57,10 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         train(rest)
+    elif command == "launch":
+        from tunelab import launch
+
+        launch.main(rest)
     elif command in TOOLS:
         _run_tool(command, rest)
     else:
-        known = ", ".join(["train", *TOOLS])
+        known = ", ".join(["train", "launch", *TOOLS])
         print(f"tunelab: unknown command {command!r}; commands: {known}", file=sys.stderr)
         raise SystemExit(2)
 

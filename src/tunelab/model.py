@@ -166,6 +166,10 @@ def load_model(cfg: Any, tokenizer: Any, source: str | None, task: ModuleType, r
             # tokens in all, or a pipeline's 256 new ones, as `mlflow models serve` runs it) go
             # past a small model's positions: an IndexError instead of text.
             model.generation_config.max_length = positions
+    if task.AUTO_CLASS == "AutoModelForCausalLM" and getattr(model, "loss_type", "") is None:
+        # The loss transformers falls back to, without its warning for class names that do not
+        # end in ForCausalLM (GPT2LMHeadModel).
+        model.loss_type = "ForCausalLM"
     if model.config.pad_token_id is None:  # a decoder used as a classifier finds padding by it
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.can_generate():

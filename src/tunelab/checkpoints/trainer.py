@@ -78,15 +78,36 @@ class CheckpointingTrainer(Trainer):
         self.callback_handler.callbacks.insert(0, self.writer.callback())
 
     # Override: training ends only when the last checkpoint is committed, whatever ended it
-    # (an exception skips on_train_end).
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    # (an exception skips on_train_end); a checkpoint at max_steps is not trained further.
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        if isinstance(resume_from_checkpoint, str):
+            done = self._already_at_the_end(resume_from_checkpoint)
+            if done is not None:
+                return done
         try:
-            out = super().train(*args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             self._finish_write_after_error()
             raise
         self.writer.wait()
         return out
+
+    def _already_at_the_end(self, checkpoint: str) -> Any:
+        """A checkpoint at `max_steps` (killed after its last commit, before the artifact):
+        its weights and state, untrained further. Trainer would take one more step from it
+        whenever `max_steps` is not a whole number of epochs, so the resumed run would end a
+        step past an uninterrupted one. None for any other checkpoint."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if not 0 < self.args.max_steps <= state.global_step:
+            return None
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        return TrainOutput(state.global_step, 0.0, {"train_runtime": 0.0, "epoch": state.epoch})
 
     def _finish_write_after_error(self) -> None:
         """The checkpoint in flight completes even when training stopped on an error or a
@@ -143,6 +164,15 @@ class CheckpointingTrainer(Trainer):
         assert self.optimizer is not None and self.lr_scheduler is not None  # created by now
         self.optimizer.load_state_dict(snapshots.load_optimizer(Path(checkpoint)))
         self.lr_scheduler.load_state_dict(snapshots.load_scheduler(Path(checkpoint)))
+
+    # Override: Trainer takes a tied head (saved once, as its source: GPT-2's lm_head) for a
+    # missing key unless the model lists it in `_keys_to_ignore_on_save`, which transformers 5
+    # models no longer do; every resume then warned of a "missing" lm_head.weight.
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        tied = tuple(getattr(model, "all_tied_weights_keys", None) or ())
+        missing = [k for k in load_result.missing_keys if not k.endswith(tied)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     # Override: under DDP each rank's RNG state goes to rank 0, which writes them all into the
     # checkpoint it commits; each rank writing its own file would race rank 0's commit.
