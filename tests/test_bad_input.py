@@ -212,3 +212,19 @@ def test_random_overrides_never_raise_only_problem_lines(overrides, multirun):
     problems = config.preflight(args)
     assert isinstance(problems, list)
     assert all(isinstance(p, str) and p and "\n" not in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--nproc_per_node", "2", "script.py"],
+        ["--nproc_per_node", "2", "-m", "tunelab", "train"],
+        ["--nproc_per_node", "2"],
+    ],  # fmt: skip
+)
+def test_tunelab_launch_runs_train_only_and_says_so(tmp_path, args):
+    result = run_cli("launch", "--standalone", *args, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[0].startswith("usage: tunelab launch")
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written

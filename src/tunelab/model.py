@@ -218,6 +218,8 @@ def apply_peft(model: Any, cfg: Any, task: str) -> Any:
         with warnings.catch_warnings():
             # GPT-2's Conv1D layers need fan_in_fan_out, which peft sets itself, with a warning.
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            # peft asks an attribute transformers 5 renamed: a FutureWarning in every LoRA run.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             wrapped = get_peft_model(model, lora)
     except ValueError as exc:  # no default for this model type, or no module matches
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

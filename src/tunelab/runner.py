@@ -170,7 +170,8 @@ class RunResult:
         shown = {
             k: v
             for k, v in self.metrics.items()
-            if k.startswith(("eval_", "train_loss")) and not k.endswith(("_runtime", "_second"))
+            if k.startswith(("eval_", "train_loss"))
+            and not k.endswith(("_runtime", "_second", "_preparation_time"))
         }
         lines = [
             "tunelab: run finished",
