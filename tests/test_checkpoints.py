@@ -427,6 +427,7 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_
     assert "No space left on device" in run.data.tags["tunelab.error"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_model(workspace):
     """Killed between the commit of the checkpoint at max_steps and the artifact: the same
     command takes no further step (Trainer would take one more, as 8 steps are not a whole

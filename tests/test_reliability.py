@@ -389,13 +389,13 @@ def committed(ws: Workspace) -> list[int]:
 @pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace):
     ready_store(workspace)
-    # Each commit held 1 s: the first still runs 14 s after its first checkpoint, time enough
+    # Each commit held 1 s: the first still runs 9 s after its first checkpoint, time enough
     # for the second to start, however loaded the machine.
-    first = popen(workspace, "training.max_steps=60", extra_env={"TUNELAB_TEST_COMMIT_DELAY": "1"})
+    first = popen(workspace, "training.max_steps=40", extra_env={"TUNELAB_TEST_COMMIT_DELAY": "1"})
     try:
         wait_for(lambda: committed(workspace), first)
         began = time.monotonic()
-        second = popen(workspace, "training.max_steps=60")
+        second = popen(workspace, "training.max_steps=40")
         out = second.communicate(timeout=120)[0]
         assert second.returncode == 1, out
         assert time.monotonic() - began < 60  # refused at once, not after training
@@ -417,7 +417,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace
 @pytest.mark.parametrize("how", ["sigterm", "kill-9"])
 def test_a_signal_while_the_run_is_created_leaves_no_orphan_and_nothing_running(workspace, how):
     ready_store(workspace)
-    hold = {"TUNELAB_TEST_START_DELAY": "5"}  # seconds between the run and its record
+    hold = {"TUNELAB_TEST_START_DELAY": "4"}  # seconds between the run and its record
     proc = popen(workspace, "training.max_steps=8", extra_env=hold)
     wait_for(lambda: store_runs(workspace), proc)  # the MLflow run exists, its record not yet
     assert "mlflow_run_id" not in artifacts.read_run_record(workspace.run_dirs()[0])
