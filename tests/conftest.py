@@ -225,9 +225,14 @@ def default_run() -> tuple[Path, subprocess.CompletedProcess]:
 def mlflow_server() -> Iterator[str]:
     """The URL of a real MLflow server, started with the session."""
     server = prestarted("mlflow_server")
-    deadline = time.monotonic() + 180
+    deadline, tries = time.monotonic() + 180, 1
     while time.monotonic() < deadline:
-        assert server.proc.poll() is None, server.stderr.read_text()[-3000:]
+        if server.proc.poll() is not None:
+            # Its free port was taken between being found and being bound: another one.
+            assert tries < 3, server.stderr.read_text()[-3000:]
+            server.stop()
+            server = _started["mlflow_server"] = _mlflow_server()
+            tries += 1
         try:
             urllib.request.urlopen(server.url + "/health", timeout=2)
             break
@@ -242,6 +247,40 @@ def mlflow_server() -> Iterator[str]:
 def served_model(model_uri: str, store_uri: str, cwd: Path) -> Iterator[str]:
     """`mlflow models serve` of `model_uri` (a Logged Model of the store `store_uri`) in a real
     process on a free loopback port: yields its URL once /ping answers, stops it after."""
+    for _ in range(3):
+        server, url = _start_scoring_server(model_uri, store_uri, cwd)
+        try:
+            if _answers_ping(server, url):
+                yield url
+                return
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                server.communicate(timeout=30)
+    raise AssertionError("mlflow models serve: its free port was taken, 3 times")
+
+
+def _answers_ping(server: subprocess.Popen, url: str) -> bool:
+    """True once the scoring server answers; False when its port was taken between being found
+    free and being bound; an AssertionError with its output for any other failure."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/ping", timeout=2)
+            return True
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                error = server.communicate()[1][-3000:]
+                if "address already in use" in error.lower():
+                    return False
+                raise AssertionError(error) from None
+            time.sleep(0.2)
+
+
+def _start_scoring_server(
+    model_uri: str, store_uri: str, cwd: Path
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     server = subprocess.Popen(
@@ -252,22 +291,7 @@ def served_model(model_uri: str, store_uri: str, cwd: Path) -> Iterator[str]:
              "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
         cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    server.kill()
-                    raise AssertionError(server.communicate()[1][-3000:]) from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def invoke(url: str, payload: dict) -> dict:
