@@ -106,6 +106,9 @@ class CheckpointingTrainer(Trainer):
         if not 0 < self.args.max_steps <= state.global_step:
             return None
         self._load_from_checkpoint(checkpoint)
+        # The file is rank 0's: under DDP each rank is itself again (who prints, who logs).
+        state.is_local_process_zero = self.is_local_process_zero()
+        state.is_world_process_zero = self.is_world_process_zero()
         self.state = state
         return TrainOutput(state.global_step, 0.0, {"train_runtime": 0.0, "epoch": state.epoch})
 
