@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -153,9 +152,10 @@ class Background:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1, as `tunelab server` finds one."""
+    from tunelab.tracking.server import free_port as find
+
+    return find()
 
 
 def _default_run() -> Background:

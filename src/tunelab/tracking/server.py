@@ -17,7 +17,6 @@ top; psycopg, psutil and mlflow's server are used inside functions.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab import locks
+from tunelab import artifacts, locks
 
 DEFAULT_DIR = ".tunelab-server"
 PG_USER = "postgres"  # the cluster's superuser, and the OS user it runs as under root
@@ -539,14 +538,8 @@ def _last_error(log: Path, offset: int = 0) -> str | None:
 
 
 def _read_state(state: Path) -> dict[str, Any]:
-    try:
-        found = json.loads((state / "server.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return artifacts.read_json(state / "server.json")
 
 
 def _write_state(state: Path, values: dict[str, Any]) -> None:
-    tmp = state / "server.json.tmp"
-    tmp.write_text(json.dumps(values, indent=1) + "\n")
-    tmp.replace(state / "server.json")
+    artifacts.write_json(state / "server.json", values)

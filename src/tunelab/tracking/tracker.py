@@ -304,10 +304,8 @@ class MlflowTracker:
             if op is not None and not self.lost:
                 op.wait()
 
-    @_tolerant
+    @_tolerant  # nothing to write once the store is lost
     def finish(self, status: str, error: str | None = None) -> None:
-        if self.lost:
-            return
         if self._uploader is not None:
             self._uploader.close()  # a FINISHED run has all its checkpoint uploads done
             self._uploader = None
@@ -460,18 +458,18 @@ def recording(
     """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C).
     `held`: a block in which a further Ctrl-C/SIGTERM waits (the run ends stopped anyway), so
     the run's status is always written rather than left RUNNING."""
+    status, error = "FINISHED", None
     try:
         yield
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT after the checkpoint
-        with held():
-            tracker.finish("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
+        status, error = "KILLED", str(exc) or "interrupted (Ctrl-C)"
         raise
     except BaseException as exc:
-        with held():
-            tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
-    with held():
-        tracker.finish("FINISHED")
+    finally:
+        with held():
+            tracker.finish(status, error=error)
 
 
 def log_inputs(
