@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import committed_steps, env, run_cli, tiny, tunelab, wait_for
+from tests.conftest import committed_steps, env, run_cli, runs_of, tiny, tunelab, wait_for
 from tunelab import artifacts
 from tunelab.tracking import server as team_server
 
@@ -60,18 +60,10 @@ def team_sweep(team, tmp_path_factory):
     return ws, proc.stdout
 
 
-def _runs(url: str, experiment: str):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=url)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no experiment {experiment!r} on {url}"
-    return client, exp, client.search_runs([exp.experiment_id])
-
-
 @pytest.mark.slow
 def test_a_parallel_sweep_is_logged_to_postgresql_through_the_server(team, team_sweep):
-    client, exp, runs = _runs(team.url, "team")
+    client, runs = runs_of(team.url, "team")
+    experiment_id = runs[0].info.experiment_id
     (parent,) = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 5 and len(kids) == 4
@@ -91,7 +83,7 @@ def test_a_parallel_sweep_is_logged_to_postgresql_through_the_server(team, team_
     with psycopg.connect(host="127.0.0.1", port=team.database.port, user="postgres",
                          dbname="mlflow") as conn:  # fmt: skip
         (count,) = conn.execute(
-            "SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),)
+            "SELECT count(*) FROM runs WHERE experiment_id = %s", (int(experiment_id),)
         ).fetchone()
     assert count == 5
     assert len(list((team.state_dir / "artifacts").rglob("model.safetensors"))) == 4
@@ -102,13 +94,14 @@ def test_a_parallel_sweep_is_logged_to_postgresql_through_the_server(team, team_
 @pytest.mark.slow
 def test_every_printed_link_points_at_the_server_used(team, team_sweep):
     _, stdout = team_sweep
-    client, exp, runs = _runs(team.url, "team")
+    client, runs = runs_of(team.url, "team")
+    experiment_id = runs[0].info.experiment_id
     links = re.findall(r"MLflow UI: (\S+)", stdout)
-    expected = {f"{team.url}/#/experiments/{exp.experiment_id}/runs/{r.info.run_id}" for r in runs}
+    expected = {f"{team.url}/#/experiments/{experiment_id}/runs/{r.info.run_id}" for r in runs}
     assert len(links) == 4 and set(links) <= expected, stdout[-3000:]
     assert "tunelab ui" not in stdout and ":5000" not in stdout
     # `tunelab runs`, given the server by --uri or by MLFLOW_TRACKING_URI, links to it too.
-    page = f"MLflow UI: {team.url}/#/experiments/{exp.experiment_id}"
+    page = f"MLflow UI: {team.url}/#/experiments/{experiment_id}"
     ws, _ = team_sweep
     by_flag = run_cli("runs", "--uri", team.url, "--experiment", "team", cwd=ws).stdout
     by_env = run_cli("runs", "--experiment", "team", cwd=ws,
@@ -125,7 +118,7 @@ def test_the_logged_model_downloads_through_the_server_and_loads_with_transforme
     import torch
     from transformers import AutoModelForCausalLM
 
-    _, _, runs = _runs(team.url, "team")
+    _, runs = runs_of(team.url, "team")
     kid = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
     local = Path(kid.data.tags["tunelab.run_dir"]) / "model"
     dst = tmp_path / "exported"
@@ -168,7 +161,7 @@ def test_a_ddp_run_is_one_run_on_the_server_and_its_model_downloads(team, tmp_pa
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("tunelab: run finished") == 1, proc.stdout
     assert f"MLflow UI: {team.url}/#/experiments/" in proc.stdout
-    _, _, (run,) = _runs(team.url, "team-ddp")
+    _, (run,) = runs_of(team.url, "team-ddp")
     assert run.info.status == "FINISHED" and run.data.params["parallel.world_size"] == "2"
     (local,) = (tmp_path / "outputs" / "team-ddp").glob("*/model")
     dst = tmp_path / "exported"
@@ -197,7 +190,7 @@ def test_a_database_down_under_the_server_fails_fast_then_uploads_later(team, tm
         team.database.start()
     again = run_cli(*args, "tracking.required=false", cwd=tmp_path)
     assert "already finished" in again.stdout
-    _, _, (run,) = _runs(team.url, "db-down")
+    _, (run,) = runs_of(team.url, "db-down")
     assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "8"
 
 
@@ -227,7 +220,7 @@ def test_a_store_lost_mid_run_keeps_the_model_and_the_same_command_uploads_it(te
         team.database.start()
     again = run_cli(*args, cwd=tmp_path)
     assert "already finished" in again.stdout
-    _, _, (run,) = _runs(team.url, "lost-mid-run")
+    _, (run,) = runs_of(team.url, "lost-mid-run")
     assert run.info.status == "FINISHED"
     assert artifacts.read_manifest(model)["mlflow_run_id"] == run.info.run_id
 
