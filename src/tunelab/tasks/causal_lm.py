@@ -20,6 +20,8 @@ from tunelab.tasks import Prepared
 
 AUTO_CLASS = "AutoModelForCausalLM"
 PIPELINE = "text-generation"
+# The model's own loss: transformers' causal LMs divide by Trainer's global token count.
+LOSS = None
 # Bump when the tokenized columns change: older cache entries are then unused.
 VERSION = 1
 

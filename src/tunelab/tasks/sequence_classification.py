@@ -13,10 +13,12 @@ import logging
 from typing import Any
 
 from tunelab.data import DataError
-from tunelab.tasks import Prepared, count_cut
+from tunelab.tasks import Prepared, count_cut, head_loss
 
 AUTO_CLASS = "AutoModelForSequenceClassification"
 PIPELINE = "text-classification"
+# Divided by the labelled items of the whole step: right under any number of processes.
+LOSS = head_loss
 
 log = logging.getLogger("tunelab")
 

@@ -14,11 +14,13 @@ from typing import Any
 
 from tunelab.data import DataError
 from tunelab.metrics import IGNORE
-from tunelab.tasks import Prepared, count_cut
+from tunelab.tasks import Prepared, count_cut, head_loss
 from tunelab.tasks.sequence_classification import dataset, labelled
 
 AUTO_CLASS = "AutoModelForTokenClassification"
 PIPELINE = "token-classification"
+# Divided by the labelled items of the whole step: right under any number of processes.
+LOSS = head_loss
 
 log = logging.getLogger("tunelab")
 
