@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.cache import Holding, fingerprint, touch
+from tunelab.data.cache import Holding, fingerprint, prepared_split
 from tunelab.data.scan import canonical_row, first_char, from_scan, scan
 from tunelab.data.sources import (
     COMPLETION,
@@ -66,7 +66,7 @@ def read(
         # rows, and its rewrite of [null, ...] into lines would crash pyarrow.
         scan(source, columns)
     try:
-        raw = _load(source, columns, cache_dir, holding)
+        raw = _load(source, columns, cache_dir, holding, digest)
         dataset = _canonical(raw, columns, source)
     except Exception as exc:  # anything datasets or pyarrow raise: find the line
         if source.kind != "files" or source.builder == "parquet":
@@ -146,15 +146,23 @@ def _null_line(lines: bytes) -> bool:
     return False
 
 
-def _load(source: Source, columns: Columns, cache_dir: Path | None, holding: Holding | None) -> Any:
+def _load(
+    source: Source, columns: Columns, cache_dir: Path | None, holding: Holding | None, digest: str
+) -> Any:
+    """The raw rows of `source` through `datasets`. Files are read into the builder's cache
+    entry named after `digest` (their content): `datasets` keys local files by path and mtime
+    only, so a file rewritten in place with its size and mtime kept (`cp -p`, `rsync -t`)
+    would otherwise be served from the old file's Arrow rows."""
     import datasets
 
     if source.kind == "disk":
         parts = [datasets.load_from_disk(str(p)) for p in source.paths]
         parts = [p.flatten_indices() if p._indices is not None else p for p in parts]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    where = str(cache_dir) if cache_dir else None
     if source.kind == "hub":
-        return _prepared(source.spec, cache_dir, holding)
+        hub = source.spec
+        return prepared_split(lambda: datasets.load_dataset_builder(hub, cache_dir=where), holding)
     assert source.builder is not None
     kwargs: dict[str, Any] = {}
     if source.builder == "json":
@@ -171,30 +179,20 @@ def _load(source: Source, columns: Columns, cache_dir: Path | None, holding: Hol
         text_columns = (columns.text, columns.prompt, columns.completion)
         kwargs = {"na_filter": False, "converters": dict.fromkeys(text_columns, str),
                   "index_col": False}  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="Length of header or names does not match")
-        return _prepared(
-            source.builder, cache_dir, holding, data_files=[str(p) for p in source.paths], **kwargs
+    name = f"xxh3-{digest}"
+    files = [str(p) for p in source.paths]
+
+    def builder() -> Any:
+        return datasets.load_dataset_builder(
+            source.builder, name=name, data_files=files, cache_dir=where, **kwargs
         )
 
+    def candidates() -> list[Path]:  # the entries a builder of these files may have read
+        return sorted(cache_dir.glob(f"{source.builder}/{name}*/*/*")) if cache_dir else []
 
-def _prepared(path: str, cache_dir: Path | None, holding: Holding | None, **kwargs: Any) -> Any:
-    """`datasets.load_dataset(path, split="train", cache_dir=cache_dir, **kwargs)` in its three
-    steps, so that the cache entry (the builder's directory) is held from before `datasets`
-    looks for it: no pruning removes it while this run reads it, nor until the run ends."""
-    import datasets
-
-    builder = datasets.load_dataset_builder(
-        path, cache_dir=str(cache_dir) if cache_dir else None, **kwargs
-    )
-    entry = Path(builder.cache_dir)
-    if holding is not None:
-        holding.hold(entry)
-        holding.grew |= not entry.is_dir()
-    builder.download_and_prepare()
-    dataset = builder.as_dataset(split="train")
-    touch(entry)
-    return dataset
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Length of header or names does not match")
+        return prepared_split(builder, holding, candidates)
 
 
 def _canonical(dataset: Any, columns: Columns, source: Source) -> Any:

@@ -19,10 +19,12 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tunelab.data import integrity
 
 if TYPE_CHECKING:
     from tunelab.data import Rows
@@ -124,28 +126,32 @@ def _cache_root(rows: Rows) -> Path:
 
 @contextlib.contextmanager
 def cached(rows: Rows, kind: str, **key: Any) -> Iterator[CacheEntry]:
-    """The cache entry `<cache_dir>/tunelab/<kind>/<digest of key>`: reused when complete,
-    otherwise built by the caller inside the block. One process or thread builds an entry at a
-    time (an flock; the others wait, then reuse it); a build goes to a temporary name and is
-    renamed into place, so an entry is complete or absent, even after kill -9. The entry is
-    held for as long as `rows` lives; after a build the cache is pruned to the run's limits."""
+    """The cache entry `<cache_dir>/tunelab/<kind>/<digest of key>`: reused when complete and
+    intact, otherwise built by the caller inside the block. One process or thread builds an
+    entry at a time (an flock; the others wait, then reuse it); a build goes to a temporary name
+    and is renamed into place, so an entry is complete or absent, even after kill -9. Its
+    `meta.json`, written last, records the size and xxh3 of every file: an entry found damaged
+    on reuse is removed (one warning) and built again. The entry is held for as long as `rows`
+    lives; after a build the cache is pruned to the run's limits."""
     from tunelab import locks
 
     parent = _cache_root(rows) / kind
     final = parent / fingerprint(key)
     if rows.holding is not None:
         rows.holding.hold(final)
-    if (final / "meta.json").is_file():
+    meta = _intact(final)
+    if meta is not None:
         log.info("data: reusing the cached %s %s", kind, final)
         touch(final)
-        yield CacheEntry(final, True, final, json.loads((final / "meta.json").read_text()))
+        yield CacheEntry(final, True, final, meta)
         return
     parent.mkdir(parents=True, exist_ok=True)
     with locks.waiting(parent / f"{final.name}.lock", f"the {kind} cache entry {final}"):
-        if (final / "meta.json").is_file():  # built by another process while this one waited
+        meta = _intact(final, kind)  # built by another process while this one waited?
+        if meta is not None:
             log.info("data: reusing the cached %s %s", kind, final)
             touch(final)
-            yield CacheEntry(final, True, final, json.loads((final / "meta.json").read_text()))
+            yield CacheEntry(final, True, final, meta)
             return
         for stale in parent.glob(f".{final.name}.*"):  # left by a killed build or pruning
             shutil.rmtree(stale, ignore_errors=True)
@@ -153,18 +159,213 @@ def cached(rows: Rows, kind: str, **key: Any) -> Iterator[CacheEntry]:
         entry = CacheEntry(final, False, building)
         try:
             yield entry
-            (building / "meta.json").write_text(json.dumps({**entry.meta, "key": key}))
-            if final.exists():  # an incomplete entry (no meta.json) of an older tunelab
-                shutil.rmtree(final)
+            files = integrity.checksums(building, skip=frozenset({META}))
+            body = {**entry.meta, "key": key, integrity.CHECKSUMS: files}
+            entry.meta = integrity.write_sealed(building / META, body)  # last: the entry is whole
+            if final.exists():  # set aside above, or an entry of an older tunelab
+                _set_aside(final)
             os.rename(building, final)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
-    entry.meta = json.loads((final / "meta.json").read_text())
     touch(final)
     if rows.holding is not None:
         rows.holding.grew = True
         rows.holding.prune()
+
+
+META = "meta.json"  # a tunelab entry's record: what the caller noted, the key, the checksums
+
+
+def _intact(entry: Path, kind: str | None = None) -> dict[str, Any] | None:
+    """The meta.json of the tunelab entry `entry` when the entry is there, complete and intact;
+    else None. With `kind` (the caller holds the entry's build lock), a damaged entry is removed
+    with one warning naming it and what is wrong."""
+    if not entry.is_dir():
+        return None
+    meta, problem = integrity.read_sealed(entry / META)
+    if meta is not None:
+        problem = integrity.damage(entry, meta.get(integrity.CHECKSUMS)) or ""
+    if not problem:
+        return meta
+    if kind is not None:
+        if problem == "unsealed":  # written by a tunelab without checksums: not damage
+            log.info("data: the cached %s %s has no checksums (an older tunelab's); "
+                     "building it again", kind, entry)  # fmt: skip
+        elif problem != f"{META} is missing":  # else a build killed before it was whole
+            log.warning("data: the cached %s %s is damaged (%s); removed it, building it again",
+                        kind, entry, problem)  # fmt: skip
+        _set_aside(entry)
+    return None
+
+
+def _set_aside(entry: Path) -> None:
+    """Remove `entry`: renamed away first (so no process sees it half removed), then deleted."""
+    doomed = entry.with_name(f".{entry.name}.damaged")
+    shutil.rmtree(doomed, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(entry, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# `datasets`' entries: its Arrow files, checked against tunelab's record beside them
+
+RECORD = "tunelab.json"  # in a `datasets` builder entry: the checksums of its files, sealed
+INFO = "dataset_info.json"  # `datasets`' own record, written when its entry is complete
+
+
+def _built_files(entry: Path) -> list[Path]:
+    """The files `datasets` made an entry of (its info and Arrow files), not the map caches
+    (`cache-*.arrow`, a classifier's tokenized columns) nor temporary files written beside them."""
+    return sorted(p for p in entry.iterdir() if p.name == INFO or (
+        p.suffix == ".arrow" and not p.name.startswith("cache-")))  # fmt: skip
+
+
+def intact_builder_entry(entry: Path) -> bool:
+    """Whether the `datasets` builder entry `entry` (`<builder>/<config>/<version>/<hash>/`) may
+    be read: absent, or its files match the record tunelab made of them (made now, after a check
+    that every Arrow file reads, for an entry that has none). A damaged entry is removed with one
+    warning and False returned: build it again. A damaged map cache beside its files is removed
+    alone (the map makes it again)."""
+    from tunelab import locks
+
+    problem = _builder_damage(entry)
+    if problem is None:
+        return True
+    lock = entry.with_name(f"{entry.name}.tunelab.lock")
+    with locks.waiting(lock, f"the data cache entry {entry}"):
+        problem = _builder_damage(entry)  # removed by another process meanwhile?
+        if problem is None:
+            return True
+        log.warning("data: the cached %s rows %s are damaged (%s); removed them, reading the "
+                    "files again", _kind(entry), entry, problem)  # fmt: skip
+        _set_aside(entry)
+    return False
+
+
+def record_builder_entry(entry: Path) -> None:
+    """Make the record of a `datasets` entry's files, if it has none yet (just built)."""
+    if entry.is_dir() and not (entry / RECORD).exists() and (entry / INFO).is_file():
+        files = {p.name: [p.stat().st_size, integrity.file_digest(p)] for p in _built_files(entry)}
+        integrity.write_sealed(entry / RECORD, {integrity.CHECKSUMS: files, "maps": {}})
+
+
+def _kind(entry: Path) -> str:
+    return entry.parents[2].name  # <builder>/<config>/<version>/<hash>
+
+
+def _builder_damage(entry: Path) -> str | None:
+    """What is wrong with the `datasets` entry `entry`, or None (also when it is absent or
+    incomplete: `datasets` builds it then). Damaged map caches are removed here."""
+    try:
+        return _builder_files_damage(entry)
+    except FileNotFoundError:  # removed meanwhile (another process found it damaged)
+        return None
+
+
+def _builder_files_damage(entry: Path) -> str | None:
+    if not (entry / INFO).is_file():
+        return None
+    record, problem = integrity.read_sealed(entry / RECORD)
+    if record is None and problem != f"{RECORD} is missing":
+        return problem
+    if record is None:  # made by datasets before tunelab kept records, or just now elsewhere
+        for path in _built_files(entry):
+            problem = _unreadable(path) or ""
+            if problem:
+                return problem
+        record_builder_entry(entry)
+        return None
+    problem = integrity.damage(entry, record.get(integrity.CHECKSUMS)) or ""
+    if problem:
+        return problem
+    _check_maps(entry, record)
+    return None
+
+
+def _check_maps(entry: Path, record: dict[str, Any]) -> None:
+    """The map caches `datasets` wrote beside an entry's files (`cache-*.arrow`): each checked
+    against the record, or, first seen, checked that it reads whole and recorded (`datasets`
+    renames a map's file into place when it is complete). A damaged one is removed with one
+    warning: the map makes it again."""
+    maps = record.get("maps")
+    maps = dict(maps) if isinstance(maps, dict) else {}
+    changed = False
+    for path in sorted(entry.glob("cache-*.arrow")):
+        if path.name in maps:
+            problem = integrity.damage(entry, {path.name: maps[path.name]})
+        else:
+            problem = _unreadable(path)
+            if not problem:
+                maps[path.name] = [path.stat().st_size, integrity.file_digest(path)]
+                changed = True
+        if problem:
+            log.warning("data: the cached map %s is damaged (%s); removed it, to be made again",
+                        path, problem)  # fmt: skip
+            path.unlink(missing_ok=True)
+            maps.pop(path.name, None)
+            changed = True
+    for name in [n for n in maps if not (entry / n).exists()]:
+        del maps[name]
+        changed = True
+    if changed:
+        integrity.write_sealed(entry / RECORD, {**record, "maps": maps})
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the Arrow stream (or JSON) file `path` does not read whole, or None: a cheap check
+    (the batches are memory-mapped, not copied) that finds a truncated file."""
+    import pyarrow as pa
+
+    if path.suffix != ".arrow":
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            return f"{path.name} is not valid JSON"
+        return None
+    try:
+        with pa.memory_map(str(path)) as source:
+            pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        return f"{path.name} cannot be read: {str(exc).splitlines()[0][:200]}"
+    return None
+
+
+def prepared_split(
+    builder: Callable[[], Any],
+    holding: Holding | None,
+    candidates: Callable[[], list[Path]] = list,
+    split: str = "train",
+) -> Any:
+    """`split` of the `datasets` builder that `builder()` makes, as `load_dataset` would give it,
+    in `load_dataset`'s steps: its cache entry (the builder's directory) is held from before
+    `datasets` looks for it, so no pruning removes it while this run reads it nor until the run
+    ends; and checked before it is read (tunelab.data.cache.intact_builder_entry): a damaged
+    entry is removed with one warning and built again. A builder that cannot even be made (its
+    `dataset_info.json` broken) has the `candidates` entries checked, then is made again."""
+    held = False
+    for attempt in range(2):
+        try:
+            made = builder()
+        except Exception:
+            if attempt or all([intact_builder_entry(p) for p in candidates()]):
+                raise
+            continue
+        entry = Path(made.cache_dir)
+        if holding is not None and not held:
+            holding.hold(entry)
+            holding.grew |= not entry.is_dir()
+            held = True
+        if attempt == 0 and not intact_builder_entry(entry):  # removed: made again afresh
+            if holding is not None:
+                holding.grew = True
+            continue
+        made.download_and_prepare()
+        record_builder_entry(entry)
+        dataset = made.as_dataset(split=split)
+        touch(entry)
+        return dataset
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 # Listing and pruning
@@ -268,11 +469,14 @@ def _remove(root: Path, entry: Entry) -> bool:
 
 
 def _remove_leftovers(root: Path) -> None:
-    """What a pruning killed midway left (`.<name>.pruned`), unless it is being pruned now."""
+    """What a pruning or a removal of a damaged entry killed midway left (`.<name>.pruned`,
+    `.<name>.damaged`), unless that entry is held now."""
     from tunelab import locks
 
-    for doomed in [*root.glob("tunelab/*/.*.pruned"), *root.glob("*/*/*/.*.pruned")]:
-        lock = _in_use_lock(root, doomed.with_name(doomed.name[1 : -len(".pruned")]))
+    left = [*root.glob("tunelab/*/.*.pruned"), *root.glob("*/*/*/.*.pruned"),
+            *root.glob("tunelab/*/.*.damaged"), *root.glob("*/*/*/.*.damaged")]  # fmt: skip
+    for doomed in left:
+        lock = _in_use_lock(root, doomed.with_name(doomed.name[1:].rsplit(".", 1)[0]))
         try:
             lock.acquire()
         except locks.Busy:
@@ -288,6 +492,7 @@ def _lock_files(root: Path, path: Path) -> list[Path]:
         return [path.with_name(f"{path.name}.lock")]
     return [path.with_name(f"{path.name}_builder.lock"),
             path.with_name(f"{path.name}.incomplete_info.lock"),
+            path.with_name(f"{path.name}.tunelab.lock"),
             root / (str(path).replace("/", "_") + ".lock")]  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.cache import Holding, touch
+from tunelab.data.cache import Holding, prepared_split
 from tunelab.data.sources import (
     COMPLETION,
     LABEL,
@@ -214,28 +214,22 @@ def from_scan(
     digest: str,
     holding: Holding | None = None,
 ) -> Any:
-    """The rows of `source` as the scanner reads them, written to Arrow in batches (held by
-    `holding`: a cache entry pruned before it was held is written again)."""
-    import datasets
+    """The rows of `source` as the scanner reads them, written to Arrow in batches, as
+    `Dataset.from_generator` would, into a cache entry keyed by `digest` (in `gen_kwargs`), held
+    by `holding` and checked before it is read (tunelab.data.cache.prepared_split)."""
+    from datasets.io.generator import GeneratorDatasetInputStream
 
-    for _ in range(2):
-        try:
-            dataset = datasets.Dataset.from_generator(
-                _scanned_rows,
-                gen_kwargs={"key": source.key, "paths": [str(p) for p in source.paths],
-                            "builder": source.builder, "columns": columns, "digest": digest},
-                cache_dir=str(cache_dir) if cache_dir else None,
-            )  # fmt: skip
-        except Exception as exc:
-            raise DataError(
-                f"{source.key}: {source.spec}: cannot be read: {first_line(exc)}"
-            ) from None
-        files = [Path(f["filename"]) for f in dataset.cache_files]
-        if holding is None or not files:
-            break
-        holding.hold(files[0].parent)
-        if all(f.is_file() for f in files):
-            touch(files[0].parent)
-            break
+    def builder() -> Any:
+        return GeneratorDatasetInputStream(
+            _scanned_rows,
+            gen_kwargs={"key": source.key, "paths": [str(p) for p in source.paths],
+                        "builder": source.builder, "columns": columns, "digest": digest},
+            cache_dir=str(cache_dir) if cache_dir else None,
+        ).builder  # fmt: skip
+
+    try:
+        dataset = prepared_split(builder, holding)
+    except Exception as exc:
+        raise DataError(f"{source.key}: {source.spec}: cannot be read: {first_line(exc)}") from None
     unused = [c for c in dataset.column_names if dataset.data.column(c).null_count == len(dataset)]
     return dataset.remove_columns(unused)
