@@ -293,3 +293,111 @@ def test_two_processes_report_the_losses_and_grad_norm_of_one(
     assert len(expected["loss"]) == 3 and expected["eval_loss"], expected
     for key, values in expected.items():
         assert found[key] == pytest.approx(values, rel=1e-4), (key, found[key], values)
+
+
+def two_nodes(ws: Workspace, node0: list[str], node1: list[str]) -> list[subprocess.Popen]:
+    """`tunelab launch --nnodes 2` twice, as two machines would, each with its own overrides
+    (one process per node, a c10d rendezvous on 127.0.0.1)."""
+    rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                  "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
+                  "--rdzv_id", "two-nodes"]  # fmt: skip
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tunelab",
+                "launch",
+                *rendezvous,
+                "train",
+                *ws.base(),
+                *tiny(*COMMAND, *overrides),
+            ],  # fmt: skip
+            cwd=ws.root,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for overrides in (node0, node1)
+    ]
+
+
+@pytest.mark.parametrize(
+    "differs",
+    [
+        ["training.lr=0.01", "training.lr=0.02"],
+        ["tracking.experiment=one", "tracking.experiment=two"],
+        ["output.root={root}/a", "output.root={root}/b"],
+    ],
+    ids=["lr", "experiment", "output-root"],
+)
+def test_ranks_given_different_overrides_all_stop_at_once_naming_the_keys(
+    differs, tmp_path, empty_store
+):
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    node0, node1 = ([o.format(root=tmp_path), "resume=never"] for o in differs)
+    procs = two_nodes(ws, node0, node1)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    said = "".join(outs)
+    key = differs[0].split("=")[0]
+    lines = [line for line in said.splitlines() if "ranks differ" in line]
+    assert len(lines) == 1 and f"{key}: " in lines[0], said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    # Nothing was started: no run directory, no MLflow run.
+    assert not list(tmp_path.rglob("train.log")), list(tmp_path.rglob("train.log"))
+    from mlflow import MlflowClient
+
+    assert (
+        MlflowClient(ws.uri).search_runs(
+            [e.experiment_id for e in MlflowClient(ws.uri).search_experiments()]
+        )
+        == []
+    )
+
+
+def test_a_launch_refused_by_the_lock_stops_every_rank_and_touches_nothing(tmp_path, empty_store):
+    """While a run holds its directory (a checkpoint held uncommitted for a while), the same
+    command launched on 2 nodes: rank 0 is refused by the lock and says so; rank 1 stops
+    with it and never cleans up the live run's uncommitted checkpoint; the live run finishes."""
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    live = ws.popen(*COMMAND, "training.max_steps=10", TUNELAB_TEST_COMMIT_DELAY="12")
+    run_dir = lambda: the_run_dir(ws)  # noqa: E731
+    wait_for(
+        lambda: ws.run_dirs() and any(run_dir().glob("checkpoints/.checkpoint-*.partial")), live
+    )
+    # As two machines: node 1's launcher is not torn down with node 0's refused rank at once.
+    procs = two_nodes(ws, ["training.max_steps=10"], ["training.max_steps=10"])
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outs
+    out = "".join(outs)
+    lines = [line for line in out.splitlines() if "is in use by another tunelab process" in line]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    assert any(run_dir().glob("checkpoints/.checkpoint-*.partial")) or committed_steps(
+        run_dir() / "checkpoints"
+    ), "the live run's checkpoint was removed"
+    out = live.communicate(timeout=300)[0]
+    assert live.returncode == 0, out[-3000:]
+    client, (run,) = runs_of(ws)
+    assert run.info.status == "FINISHED"
+    assert committed_steps(run_dir() / "checkpoints") == [5, 10]
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_once_by_rank_0(tmp_path, empty_store):
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    ws.train(*COMMAND, "checkpoint.keep=3")
+    run_dir = the_run_dir(ws)
+    import shutil
+
+    shutil.rmtree(run_dir / "model")  # as if killed before the artifact
+    newest = run_dir / "checkpoints" / "checkpoint-30"
+    weights = newest / "model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = finish(torchrun(ws, "checkpoint.keep=3"))
+    assert "Traceback" not in out and "cannot write" not in out, out[-3000:]
+    (aside,) = (run_dir / "checkpoints" / ".corrupt").iterdir()
+    assert aside.name.startswith("checkpoint-30")
+    manifest = artifacts.read_manifest(run_dir / "model")
+    assert manifest["step"] == 30 and manifest["resumed_from"].endswith("checkpoint-25")

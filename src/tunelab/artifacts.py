@@ -134,6 +134,24 @@ def weights_sha256(model: str | None) -> dict[str, str] | None:
     return found or None
 
 
+def base_digest(model: str | None) -> str | None:
+    """xxh3-128 over the weights files and config.json of the model directory (or hub id in the
+    local cache) `model`: what a resume compares to know the base is the one the run started
+    from. None for a model built from config. xxh3 rather than sha256: it reads at disk speed."""
+    directory = Path(model) if model and Path(model).is_dir() else _hub_cache_dir(model)
+    if directory is None:
+        return None
+    import xxhash
+
+    index = read_json(directory / "model.safetensors.index.json").get("weight_map") or {}
+    names = sorted(set(index.values())) if index else ["model.safetensors", "pytorch_model.bin"]
+    h = xxhash.xxh3_128()
+    for name in ["config.json", *names]:
+        if (directory / name).is_file():
+            h.update(f"{name}\0{file_digest(directory / name, 'xxh3_128')}\0".encode())
+    return h.hexdigest()
+
+
 def _hub_cache_dir(repo_id: str | None) -> Path | None:
     if not repo_id:
         return None

@@ -92,7 +92,7 @@ def train(args: list[str]) -> None:
 
     distributed.follow_launcher()
     # Every job's config, before Hydra creates anything: one line per problem, exit 2.
-    config.exit_on_problems(config.preflight(args))
+    config.exit_on_problems(_on_every_rank(config.preflight(args)))
     os.environ.setdefault("TUNELAB_EXPERIMENTS_DIR", str(paths.experiments_dir()))
     app = hydra.main(config_path=str(paths.conf_dir()), config_name="train", version_base="1.3")(
         train_job
@@ -115,6 +115,20 @@ def train(args: list[str]) -> None:
                 file=sys.stderr,
             )
         raise SystemExit(128 + signum) from None
+
+
+def _on_every_rank(problems: list[str]) -> list[str]:
+    """Under torchrun: rank 0's config problems, or when it has none another rank's (named), on
+    every rank, so that all stop together and rank 0 says why (a rank's config can differ from
+    rank 0's: another working directory, other conf files or environment)."""
+    import json
+
+    from tunelab import distributed
+
+    everyone = [json.loads(x) for x in distributed.gather("preflight", json.dumps(problems))]
+    if everyone[0]:
+        return list(everyone[0])
+    return [f"rank {r}: {p}" for r, theirs in enumerate(everyone) for p in theirs]
 
 
 def train_job(cfg: DictConfig) -> float | None:
@@ -152,8 +166,8 @@ def train_job(cfg: DictConfig) -> float | None:
             if known is None:
                 raise  # a bug, or an error from training itself: its traceback is what to read
             code, lines = known
-            if code == 2 and distributed.is_main():
-                _remove_if_untouched(run_dir)  # bad config or data: leave nothing behind
+            if code == 2:  # bad config or data (on every rank alike): leave nothing behind
+                _remove_if_untouched(run_dir)
             if distributed.is_main() or not isinstance(exc, config.ConfigError):
                 for line in lines:  # every rank meets the same config and data errors
                     print(line, file=sys.stderr)
@@ -181,10 +195,12 @@ def train_job(cfg: DictConfig) -> float | None:
 def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
     """The exit code and the lines that say why a job failed, for errors of a kind tunelab
     knows (one line each); None for anything else."""
-    from tunelab import config, distributed, locks, snapshots, tracking
+    from tunelab import config, distributed, errors, locks, snapshots, tracking
 
     if isinstance(exc, config.ConfigError):
         return 2, [f"tunelab: config error: {p}" for p in exc.problems]
+    if isinstance(exc, errors.RankStopped):
+        return exc.exit_code, []  # rank 0 said why
     if isinstance(exc, tracking.TrackingUnavailable):
         return 1, [
             f"tunelab: {exc}. Start it, point tracking.uri elsewhere, or set "
@@ -204,18 +220,26 @@ def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
 
     if isinstance(exc, (OSError, SafetensorError)):  # the artifact on a full disk, say
         return 1, [f"tunelab: cannot write the run's files: {exc}"]
+    if isinstance(exc, errors.TunelabError):
+        return exc.exit_code, [f"tunelab: {exc}"]
     return None
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
-    """Remove a run directory that holds only what Hydra and the lock put there."""
+    """Remove a run directory that holds only what Hydra and the lock put there, unless a live
+    process holds its lock (a run that has only just started in it)."""
     import shutil
 
-    from tunelab.locks import RUN_LOCK
+    from tunelab import locks
 
-    hydras = {".hydra", "train.log", RUN_LOCK}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydras:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    hydras = {".hydra", "train.log", locks.RUN_LOCK}
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= hydras:
+        return
+    try:
+        with locks.run_dir(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    except locks.Busy:
+        pass
 
 
 def _positive(text: str) -> int:

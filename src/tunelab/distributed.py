@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from tunelab.errors import ConfigError, RankStopped, TunelabError, exit_code
+
 log = logging.getLogger("tunelab")
 
 
@@ -63,57 +65,133 @@ def follow_launcher() -> None:
 
 
 _store: Any = None
+# Every rank makes the same calls in the same order: the n-th call of a name has keys of its own
+# (a sweep's jobs, or a process running several commands, call each name again).
+_calls: dict[str, int] = {}
+_FAILED = "\0tunelab-failed:"
 
 
-def share(key: str, make: Callable[[], str]) -> str:
-    """`make()` on rank 0, the same string on every rank. Through torchrun's agent store (also
-    used by `accelerate launch`); a plain process, or a launcher without one, just calls make."""
+def _agent_store() -> Any:
+    """torchrun's agent store (also used by `accelerate launch`), or None: a plain process, or a
+    launcher without one."""
     if world_size() == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return make()
+        return None
     global _store
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     if _store is None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        # The timeout bounds a connect and a get; waits for another rank are polled (below).
         _store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
             is_master=False,
-            timeout=timedelta(minutes=30),  # rank 0 may be preparing a large dataset
+            timeout=timedelta(minutes=2),
         )
+    return _store
+
+
+def _key(name: str) -> str:
+    _calls[name] = _calls.get(name, 0) + 1
     # A restarted worker group (--max-restarts) decides afresh.
-    full = f"tunelab/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{key}"
-    if is_main():
-        value = make()
-        _store.set(full, value)
-        return value
-    # Polled, so a signal's Python handler runs meanwhile (a blocking get would hold it until
-    # rank 0 answers, and torchrun would kill this rank unheard).
+    return f"tunelab/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}/{_calls[name]}"
+
+
+def _wait_for(store: Any, keys: list[str]) -> None:
+    """Until `keys` are all set. Polled, so a signal's Python handler runs meanwhile (a blocking
+    get would hold it until they are, and torchrun would kill this rank unheard); a store that
+    is gone (its launcher ended) stops this rank with one line instead of a hang."""
     import time
 
-    while not _store.check([full]):
+    while True:
+        try:
+            if store.check(keys):
+                return
+        except Exception as exc:  # noqa: BLE001 (torch's store errors carry no common type)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TunelabError(
+                f"rank {rank()}: the launcher's store is gone ({first}): another process of "
+                "this run stopped; nothing was changed by this one"
+            ) from None
         time.sleep(0.05)
-    return bytes(_store.get(full)).decode()
 
 
-def same_run(run_dir: Any, run_id: str | None) -> str | None:
-    """Rank 0's MLflow run id on every rank, once every rank is found to train in rank 0's run
-    directory (a ConfigError otherwise: ranks launched with different commands)."""
+def share(key: str, make: Callable[[], str]) -> str:
+    """`make()` on rank 0, the same string on every rank; a plain process just calls `make`.
+    When `make` raises on rank 0, every other rank raises RankStopped with its exit code (rank 0
+    says why), at once instead of waiting for a value that never comes."""
+    store = _agent_store()
+    if store is None:
+        return make()
+    full = _key(key)
+    if is_main():
+        try:
+            value = make()
+        except BaseException as exc:
+            store.set(full, f"{_FAILED}{exit_code(exc) if isinstance(exc, Exception) else 1}")
+            raise
+        store.set(full, value)
+        return value
+    _wait_for(store, [full])
+    value = bytes(store.get(full)).decode()
+    if value.startswith(_FAILED):
+        raise RankStopped(int(value.removeprefix(_FAILED)))
+    return value
+
+
+def gather(key: str, mine: str) -> list[str]:
+    """Every rank's `mine`, in rank order, on every rank; [mine] in a plain process."""
+    store = _agent_store()
+    if store is None:
+        return [mine]
+    full = _key(key)
+    store.set(f"{full}/{rank()}", mine)
+    keys = [f"{full}/{r}" for r in range(world_size())]
+    _wait_for(store, keys)
+    return [bytes(store.get(k)).decode() for k in keys]
+
+
+def same_config(resolved: dict[str, Any], run_dir: Any) -> None:
+    """Every rank, before it touches anything: a ConfigError on every rank alike, naming the
+    keys, when the ranks were launched with different configs (or in different directories)."""
     import json
 
-    mine = json.dumps({"run_dir": str(run_dir), "run_id": run_id})
-    shared = json.loads(share("run", lambda: mine))
-    if shared["run_dir"] != str(run_dir):
-        from tunelab.config import ConfigError
+    mine = {"run directory": str(run_dir), **_flat(resolved)}
+    everyone = [json.loads(x) for x in gather("config", json.dumps(mine, default=str))]
+    problems = []
+    for other, theirs in enumerate(everyone[1:], 1):
+        differ = sorted(k for k in everyone[0].keys() | theirs.keys()
+                        if everyone[0].get(k) != theirs.get(k))  # fmt: skip
+        if len(differ) > 1:  # the directories differ because the keys do: name the keys
+            differ.remove("run directory")
+        if differ:
+            shown = "; ".join(
+                f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {other}"
+                for k in differ[:4]
+            )
+            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+            problems.append(
+                f"ranks differ: {shown}{more}; launch every rank with the same command, "
+                "overrides and working directory"
+            )
+    if problems:
+        raise ConfigError(problems[:1])
 
-        raise ConfigError(
-            [
-                f"rank {rank()} would train in {run_dir} but rank 0 in {shared['run_dir']}: "
-                "launch every rank with the same command and overrides"
-            ]
-        )
-    return shared["run_id"]
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def same_run(run_id: str | None) -> str | None:
+    """Rank 0's MLflow run id, on every rank."""
+    return share("run-id", lambda: run_id or "") or None
 
 
 def note_resume(checkpoint: Any) -> None:

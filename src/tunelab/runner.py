@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -43,10 +44,24 @@ def run(
     `run_dir/model`; track it. `callbacks`: extra Trainer callbacks. One process at a time per
     run directory: another is refused at once (locks.Busy)."""
     run_dir = Path(run_dir)
-    # Under torchrun/accelerate every rank runs this; rank 0 alone tracks and writes the artifact.
-    main_process = distributed.is_main()
-    with locks.run_dir(run_dir) if main_process else contextlib.nullcontext():
-        return _run(cfg, run_dir, overrides, tags, name, callbacks, main_process)
+    resolved = config.resolved(cfg)
+    # Under torchrun/accelerate every rank runs this: first they agree on what they train.
+    distributed.same_config(resolved, run_dir)
+    with _held(run_dir):
+        return _run(cfg, run_dir, overrides, tags, name, callbacks, resolved)
+
+
+@contextlib.contextmanager
+def _held(run_dir: Path) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the run's life (another process training
+    there is refused: locks.Busy); the other ranks go on only once it holds it, and stop at once
+    when it could not take it."""
+    lock = locks.run_dir(run_dir)
+    distributed.share("lock", lambda: (lock.acquire(), "held")[1])
+    try:
+        yield
+    finally:
+        lock.release()  # nothing to release on the ranks that never took it
 
 
 def _run(
@@ -56,18 +71,17 @@ def _run(
     tags: dict[str, str] | None,
     name: str | None,
     callbacks: Sequence[Any],
-    main_process: bool,
+    resolved: dict[str, Any],
 ) -> RunResult:
     from tunelab.checkpoints.signals import Interrupted, StopOnSignal
     from tunelab.tracking.callback import TrackingCallback
 
+    main_process = distributed.is_main()  # rank 0 alone tracks and writes the artifact
     name = name or config.run_name(overrides)
-    resolved = config.resolved(cfg)
-    record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
-    if cfg.resume == "auto" and artifacts.is_complete(run_dir / "model"):
+    record, finished, resume_from = _starting_point(cfg, run_dir, resolved)
+    if finished:
         tags = tracking.run_tags(run_dir, overrides, extra=tags)
         return _already_finished(cfg, run_dir, name, tags, resolved, overrides)
-    resume_from = checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
     distributed.note_resume(resume_from)
 
     # Bad data or a model that cannot be loaded stops here, before an MLflow run exists.
@@ -78,6 +92,8 @@ def _run(
     task = tasks.get(cfg.model.task)
     prepared = task.prepare(rows, tokenizer, cfg.data)
     log.info("data: %d train / %d eval rows, %s", len(rows.train), len(rows.eval), rows.source)
+    # A resume trains on what the run started from, or not at all.
+    inputs = _same_inputs(record, rows.digest, source, resume_from)
 
     tags = tracking.run_tags(run_dir, overrides, resume_from, extra=tags)
     tags["tunelab.fingerprint"] = record["fingerprint"]  # a kill -9 orphan is found by it
@@ -87,18 +103,21 @@ def _run(
         # A signal now takes effect once the run is recorded (rank 0; the other ranks, waiting
         # for rank 0's run id, stop at once: rank 0 may be gone).
         with stopper.deferred() if main_process else contextlib.nullcontext():
-            previous = record.get("mlflow_run_id")
-            tracker = (
-                tracking.start(cfg, name, tags, resolved, overrides, previous)
-                if main_process
-                else tracking.NullTracker()
-            )
+            tracker: tracking.Tracker = tracking.NullTracker()
+
+            def start_tracking() -> str:
+                nonlocal tracker
+                previous = record.get("mlflow_run_id")
+                tracker = tracking.start(cfg, name, tags, resolved, overrides, previous)
+                return tracker.run_id or ""
+
+            run_id = distributed.share("run-id", start_tracking) or None  # rank 0's, everywhere
             # From here the run ends FINISHED, FAILED or KILLED, whatever stops it.
             recorded.enter_context(tracking.recording(tracker, held=stopper.deferred))
             testhooks.hold("START")  # a test signals the process right here
             if main_process:
-                artifacts.write_run_record(run_dir, {**record, "mlflow_run_id": tracker.run_id})
-            run_id = distributed.same_run(run_dir, tracker.run_id)  # rank 0's, on every rank
+                record = {**record, **inputs, "mlflow_run_id": tracker.run_id}
+                artifacts.write_run_record(run_dir, record)
         stopper.raise_pending()
         _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
         model = models.load_model(cfg.model, tokenizer, source, task, rows)
@@ -188,6 +207,57 @@ def _upload_hint(cfg: DictConfig) -> str | None:
     if cfg.tracking.backend == "none":
         return None
     return "not uploaded (the store was unreachable): run the same command again to upload it"
+
+
+def _starting_point(
+    cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]
+) -> tuple[dict[str, Any], bool, Path | None]:
+    """(the run record, whether the run already finished, the checkpoint to resume from),
+    decided by rank 0 alone and handed to the others: only the holder of the run directory's
+    lock reads, cleans up, verifies or sets aside anything in it."""
+
+    def decide() -> str:
+        record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
+        finished = cfg.resume == "auto" and artifacts.is_complete(run_dir / "model")
+        resume_from = (
+            None if finished else checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
+        )
+        return json.dumps(
+            {
+                "record": record,
+                "finished": finished,
+                "resume_from": resume_from and str(resume_from),
+            }
+        )
+
+    decided = json.loads(distributed.share("start", decide))
+    resume_from = decided["resume_from"]
+    return decided["record"], decided["finished"], Path(resume_from) if resume_from else None
+
+
+def _same_inputs(
+    record: dict[str, Any], data_digest: str, source: str | None, resume_from: Path | None
+) -> dict[str, Any]:
+    """The digests of the run's data and base model, to keep in its record; a resume whose data
+    or base changed since the run started is refused (a ConfigError on every rank: rank 0 reads
+    the base's weights, once)."""
+
+    def compare() -> str:
+        now = {"data_digest": data_digest, "base_digest": artifacts.base_digest(source)}
+        what = {"data_digest": "the data", "base_digest": "the base model's weights"}
+        changed = [k for k in now if resume_from and k in record and record[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise config.ConfigError(
+                [
+                    f"resume: {what[k]} changed since this run started (digest "
+                    f"{str(record[k])[:16]} then, {str(now[k])[:16]} now): resuming would train "
+                    "one model on both; restore them, or rerun with resume=never to start afresh"
+                ]
+            )
+        return json.dumps(now)
+
+    return cast(dict[str, Any], json.loads(distributed.share("inputs", compare)))
 
 
 def _claim(run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:

@@ -13,14 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import metrics
 from tunelab.config.schema import check_types
-
-
-class ConfigError(ValueError):
-    """The config has problems; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(problems))
+from tunelab.errors import ConfigError
 
 
 def validate(cfg: DictConfig | dict[str, Any]) -> list[str]:
