@@ -588,3 +588,59 @@ def test_train_tokens_come_from_the_length_column(tmp_path):
     assert prepared.train_tokens == sum(map(len, ids)) == sum(prepared.train["length"][:])
     for row, ids_ in zip(ROWS, ids, strict=True):  # prompt, completion, end of text
         assert tok.decode(ids_) == row["prompt"] + row["completion"] + tok.eos_token
+
+
+# ---------------------------------------------------------------------------------------------
+# One long row: memory bounded by a small multiple of the row, not ~100 bytes per character
+
+MEASURED = """
+import resource, subprocess, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a regression fails, not the machine
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+print(proc.stderr[-3000:], file=sys.stderr)
+"""
+
+
+def _long_row_file(path: Path, kind: str, mb: int = 50) -> Path:
+    """A JSON Lines file whose first row is about `mb` MB (text, or words with their tags),
+    then 40 short rows."""
+    import itertools
+
+    vocabulary = ["alpha", "beta", "gamma", "delta", "the", "quick", "fox", "lazy", "dog"]
+    short = [list(itertools.islice(itertools.cycle(vocabulary), i, i + 30)) for i in range(40)]
+    with open(path, "w") as f:
+        if kind == "text":
+            n = mb * 1_000_000 // 5
+            f.write(
+                json.dumps({"text": " ".join(itertools.islice(itertools.cycle(vocabulary), n))})
+            )
+            f.write("\n" + "".join(json.dumps({"text": " ".join(w)}) + "\n" for w in short))
+        else:
+            n = mb * 1_000_000 // 13
+            words = list(itertools.islice(itertools.cycle(vocabulary), n))
+            f.write(json.dumps({"text": words, "label": ["O"] * n}) + "\n")
+            f.writelines(json.dumps({"text": w, "label": ["B" if x == "fox" else "O" for x in w]})
+                         + "\n" for w in short)  # fmt: skip
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "task"), [("text", "causal_lm"), ("words", "token_classification")]
+)
+def test_one_50_mb_row_trains_in_bounded_memory(tmp_path, kind, task):
+    """A 50 MB text row peaked at ~18 GB (its tokens, offsets and alignments in the tokenizer,
+    whole, while training the tokenizer and while encoding); a 48 MB row of words at 4.8 GB."""
+    path = _long_row_file(tmp_path / "long.jsonl", kind)
+    assert path.stat().st_size > 45_000_000
+    # Bytes only (no merges): a token per character, the most tokens a row can have.
+    tiny = [o for o in _tiny(tmp_path, path) if not o.startswith("model.tokenizer_vocab_size")]
+    run = [sys.executable, "-m", "tunelab", "train", *tiny, f"model.task={task}",
+           "model.tokenizer_vocab_size=0", "data.max_length=16"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", MEASURED, *run], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    code, peak = map(int, proc.stdout.split())
+    assert code == 0, proc.stderr
+    assert peak < 3e9, f"peak RSS {peak / 1e9:.1f} GB"
+    assert list((tmp_path / "out").glob("*/*/model/manifest.json"))  # a finished run

@@ -14,7 +14,8 @@ file and the line: only on that error path.
 
 This module tells the story (`load`); `sources` resolves data.train / data.eval and holds the
 error type, `arrow` reads through `datasets` and checks the columns, `scan` is the line scanner,
-`cache` keeps prepared data on disk.
+`cache` keeps prepared data on disk and `integrity` checks it on reuse, `pieces` cuts long texts
+so no tokenizer holds a whole long row.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.data import pieces
 from tunelab.data.arrow import quiet_datasets, read, row_kinds, training_texts
 from tunelab.data.cache import (
     CacheEntry,
@@ -88,9 +90,13 @@ class Rows:
 
     def texts(self, batch_size: int = 1000) -> Iterator[list[str]]:
         """Training texts in batches, for training a tokenizer from scratch: read from the Arrow
-        columns batch by batch, never all at once."""
+        columns batch by batch, never all at once, long texts in pieces (a tokenizer's trainer
+        holds ~100 bytes per character of a text it is given; cut at white space, the pieces
+        count the same words)."""
         for batch in self.train.with_format("arrow").iter(batch_size=batch_size):
-            yield training_texts(batch)
+            cut = ((0, piece) for text in training_texts(batch) for piece in pieces.pieces(text))
+            for group in pieces.batches(cut):
+                yield [piece for _, piece in group]
 
 
 def load(cfg: Any, cache_dir: str | Path | None = None, workers: int = 0) -> Rows:

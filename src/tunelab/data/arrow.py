@@ -392,7 +392,10 @@ def training_texts(batch: Any) -> list[str]:
         for i in msg_rows.nonzero()[0]:
             out[i] = "\n".join(turn["content"] for turn in conversations[i])
     if text_rows.any():
-        texts = batch.column(TEXT).to_pylist()
+        column = batch.column(TEXT)
+        if not _texty(column.type):  # lists of words: joined by Arrow, not word by word here
+            column = pc.binary_join(column, " ")
+        texts = column.to_pylist()
         for i in text_rows.nonzero()[0]:
-            out[i] = texts[i] if isinstance(texts[i], str) else " ".join(texts[i])
+            out[i] = texts[i]
     return out

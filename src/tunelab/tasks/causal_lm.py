@@ -15,6 +15,7 @@ from typing import Any
 
 from tunelab import data
 from tunelab.data import DataError, Rows
+from tunelab.data.pieces import batches, pieces
 from tunelab.metrics import IGNORE
 from tunelab.tasks import Prepared
 
@@ -231,11 +232,11 @@ class _Encoder:
         eos = np.full(int(ends.sum()), self.eos, np.int32)
         segments.append(_Segment(eos, eos, ends))
 
-        ids, labels, full = _concatenate(segments, n)
-        kept = np.minimum(full, self.max_length)
+        ids, labels, lengths, full = _concatenate(segments, n)
+        kept = np.minimum(lengths, self.max_length)
         starts = np.zeros(n + 1, np.int64)
-        np.cumsum(full, out=starts[1:])
-        position = np.arange(int(starts[-1])) - np.repeat(starts[:-1], full)
+        np.cumsum(lengths, out=starts[1:])
+        position = np.arange(int(starts[-1])) - np.repeat(starts[:-1], lengths)
         keep = position < self.max_length
         offsets = np.zeros(n + 1, np.int32)
         np.cumsum(kept, out=offsets[1:])
@@ -248,47 +249,71 @@ class _Encoder:
             }
         )
 
-    def _encode(self, texts: list[str]) -> tuple[Any, Any]:
-        """Token ids of `texts`, no special tokens added: flat int32 ids and per-text lengths."""
+    def _encode(self, texts: list[str]) -> tuple[Any, Any, Any]:
+        """Token ids of `texts`, no special tokens added: flat int32 ids of at most max_length
+        per text, and per text how many of them and how many tokens it has in all. Texts are cut
+        into pieces (tunelab.data.pieces) and given to the tokenizer in batches of bounded size:
+        a long text's first pieces give its ids, the rest are only counted, so memory is
+        bounded by the batch, never a whole long text's tokens (a 50 MB row took 8-16 GB)."""
         import numpy as np
 
+        kept: list[list[int]] = []
+        counts = np.zeros(len(texts), np.int64)
+        full = np.zeros(len(texts), np.int64)
+        cut = ((row, piece) for row, text in enumerate(texts) for piece in pieces(text))
+        for group in batches(cut):
+            encodings = self._encodings([piece for _, piece in group])
+            for (row, _), encoded in zip(group, encodings, strict=True):
+                room = self.max_length - int(counts[row])
+                if room > 0:
+                    ids = encoded.ids if self.backend is not None else encoded
+                    kept.append(ids[:room])
+                    counts[row] += min(room, len(ids))
+                full[row] += len(encoded)
+        total = int(counts.sum())
+        return np.fromiter(itertools.chain.from_iterable(kept), np.int32, total), counts, full
+
+    def _encodings(self, texts: list[str]) -> list[Any]:
+        """The tokenizers `Encoding` of each text (its length is its number of tokens), or
+        with a slow tokenizer the list of its ids."""
         if self.backend is not None:
             encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-            ids = [e.ids for e in encode(texts, add_special_tokens=False)]
-        else:
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
-        return flat, lengths
+            return list(encode(texts, add_special_tokens=False))
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def _segment(self, n: int, idx: Any, column: Any, labelled: bool = True) -> _Segment:
         import numpy as np
 
-        flat, lengths = self._encode(column.take(idx).to_pylist())
-        per_row = np.zeros(n, np.int64)
-        per_row[idx] = lengths
+        flat, counts, lengths = self._encode(column.take(idx).to_pylist())
+        per_row, full = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        per_row[idx], full[idx] = counts, lengths
         labels = flat if labelled else np.full(len(flat), IGNORE, np.int32)
-        return _Segment(flat, labels, per_row)
+        return _Segment(flat, labels, per_row, full)
 
     def _conversations(self, n: int, idx: Any, batch: Any) -> _Segment:
         import numpy as np
 
         conversations = batch.column(data.MESSAGES).take(idx).to_pylist()
-        ids, labels, per_row = [], [], np.zeros(n, np.int64)
+        ids, labels = [], []
+        per_row, full = np.zeros(n, np.int64), np.zeros(n, np.int64)
         for i, turns in zip(idx, conversations, strict=True):
-            row_ids, row_labels = self.conversation(turns)
+            row_ids, row_labels, full[i] = self.conversation(turns)
             ids.append(row_ids)
             labels.append(row_labels)
             per_row[i] = len(row_ids)
         return _Segment(
-            np.concatenate(ids).astype(np.int32), np.concatenate(labels).astype(np.int32), per_row
+            np.concatenate(ids).astype(np.int32),
+            np.concatenate(labels).astype(np.int32),
+            per_row,
+            full,
         )
 
-    def conversation(self, turns: list[dict[str, Any]]) -> tuple[Any, Any]:
-        """Token ids of one conversation rendered with the chat template, and its labels: the
-        ids of the assistant turns (as the template renders them, end-of-turn included), -100
-        elsewhere. Each assistant turn's characters are found by rendering the conversation up
-        to it (with the generation prompt) and through it."""
+    def conversation(self, turns: list[dict[str, Any]]) -> tuple[Any, Any, int]:
+        """Token ids of one conversation rendered with the chat template (at most max_length),
+        their labels: the ids of the assistant turns (as the template renders them, end-of-turn
+        included), -100 elsewhere; and how many tokens the whole conversation has. Each
+        assistant turn's characters are found by rendering the conversation up to it (with the
+        generation prompt) and through it. Tokenized in pieces, as `_encode` does."""
         import numpy as np
 
         turns = [{"role": t["role"], "content": t["content"]} for t in turns]
@@ -305,13 +330,27 @@ class _Encoder:
                     "cannot be found; use prompt/completion rows with this model"
                 )
             spans.append((len(before), len(through)))
-        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(encoded["input_ids"], np.int64)
-        starts = np.asarray([s for s, _ in encoded["offset_mapping"]], np.int64)
+        ids: list[int] = []
+        starts: list[int] = []
+        total, offset = 0, 0
+        for piece in pieces(full):
+            if len(ids) < self.max_length:
+                encoded = self.tokenizer(
+                    piece, add_special_tokens=False, return_offsets_mapping=True
+                )
+                room = self.max_length - len(ids)
+                ids += encoded["input_ids"][:room]
+                starts += [offset + s for s, _ in encoded["offset_mapping"][:room]]
+                total += len(encoded["input_ids"])
+            else:
+                total += len(self._encodings([piece])[0])
+            offset += len(piece)
+        at = np.asarray(starts, np.int64)
         assistant = np.zeros(len(ids), bool)
         for a, b in spans:
-            assistant |= (starts >= a) & (starts < b)
-        return ids, np.where(assistant, ids, IGNORE)
+            assistant |= (at >= a) & (at < b)
+        row = np.asarray(ids, np.int64)
+        return row, np.where(assistant, row, IGNORE), total
 
     def _render(self, turns: list[dict[str, Any]], generation_prompt: bool) -> str:
         from jinja2 import TemplateError
@@ -331,22 +370,30 @@ class _Encoder:
 
 @dataclass
 class _Segment:
-    """One piece of each row (a prompt, a completion, an end token): flat ids and labels, and
-    how many of them each row has (0 for rows without this piece)."""
+    """One piece of each row (a prompt, a completion, an end token): flat ids and labels (at
+    most max_length per row), how many of them each row has (0 for rows without this piece),
+    and how many tokens each row's piece has in all (`per_row` where it was not cut)."""
 
     ids: Any
     labels: Any
     per_row: Any
+    full: Any = None
+
+    def __post_init__(self) -> None:
+        if self.full is None:
+            self.full = self.per_row
 
 
-def _concatenate(segments: list[_Segment], n: int) -> tuple[Any, Any, Any]:
-    """Each row's pieces one after another: flat ids, flat labels and each row's length."""
+def _concatenate(segments: list[_Segment], n: int) -> tuple[Any, Any, Any, Any]:
+    """Each row's pieces one after another: flat ids, flat labels, each row's length in them
+    (at least its first max_length tokens) and each row's length in all."""
     import numpy as np
 
     lengths = np.stack([s.per_row for s in segments])  # segment x row
-    full = lengths.sum(axis=0)
+    full = np.stack([s.full for s in segments]).sum(axis=0)
+    row_lengths = lengths.sum(axis=0)
     row_start = np.zeros(n + 1, np.int64)
-    np.cumsum(full, out=row_start[1:])
+    np.cumsum(row_lengths, out=row_start[1:])
     before = np.cumsum(lengths, axis=0) - lengths  # where each piece starts within its row
     ids = np.empty(int(row_start[-1]), np.int32)
     labels = np.empty_like(ids)
@@ -360,7 +407,7 @@ def _concatenate(segments: list[_Segment], n: int) -> tuple[Any, Any, Any]:
         destination = np.repeat(row_start[:-1] + before[j], count) + within
         ids[destination] = segment.ids
         labels[destination] = segment.labels
-    return ids, labels, full
+    return ids, labels, row_lengths, full
 
 
 def collator(tokenizer: Any) -> Any:

@@ -9,7 +9,9 @@ carry no loss (-100). Metrics: entity-level precision, recall and F1 (seqeval) a
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from typing import Any
 
 from tunelab.data import DataError
@@ -27,6 +29,21 @@ log = logging.getLogger("tunelab")
 
 def _words(text: Any) -> list[str]:
     return text.split() if isinstance(text, str) else [str(w) for w in text]
+
+
+def _first_words(text: Any, n: int) -> list[str]:
+    """The first words of a row, enough for `n` tokens (every word that is not blank gives one
+    at least; a few more, as a normalizer may empty one): the tokenizer never gets a whole long
+    row, whose encoding would take ~100 bytes per character before the cut at max_length."""
+    if isinstance(text, str):  # as str.split() splits it, without copying the rest
+        return [m.group() for m in itertools.islice(re.finditer(r"\S+", text), n + 8)]
+    words, filled = [], 0
+    for word in text:
+        words.append(str(word))
+        filled += bool(words[-1].strip())
+        if filled >= n + 8:
+            break
+    return words
 
 
 def tags(rows: Any) -> list[Any]:
@@ -71,7 +88,7 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
         column = dataset(split)
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-            words = [_words(t) for t in batch["text"]]
+            words = [_first_words(t, cfg.max_length) for t in batch["text"]]
             enc = tokenizer(
                 words, is_split_into_words=True, truncation=True, max_length=cfg.max_length
             )
