@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.conftest import run_cli as cli_run
 from tunelab import artifacts, checkpoints, cli, config, data, runner
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb"]
@@ -286,6 +287,56 @@ def test_an_eval_label_unseen_in_training_is_refused(minilm, tmp_path):
         tasks.get("sequence_classification").prepare(
             loaded, AutoTokenizer.from_pretrained(minilm), cfg.data
         )
+
+
+GOOD = [{"text": f"a film {i}", "label": ["neg", "pos"][i % 2]} for i in range(8)]
+REGRESSION = [{"text": f"a film {i}", "label": i / 7} for i in range(8)]
+TAGGED = [{"text": ["alice", "flew"], "label": ["B-PER", "O"]}] * 4
+
+
+@pytest.mark.parametrize(
+    ("task", "train_rows", "eval_rows", "expected"),
+    [
+        ("sequence_classification", [*GOOD, {"text": "x", "label": None}], None, r"data.train: 1 of 9 rows have no label \(null or missing\), such as the row 'x'"),
+        ("sequence_classification", [*GOOD[:3], {"text": "x"}, *GOOD], None, r"data.train: 1 of 12 rows have no label \(null or missing\), such as the row 'x'"),
+        ("sequence_classification", GOOD, [GOOD[0], {"text": "x", "label": None}], r"data.eval: 1 of 2 rows have no label"),
+        ("sequence_classification", [*REGRESSION, {"text": "x", "label": None}], None, r"data.train: 1 of 9 rows have no label"),
+        ("sequence_classification", [{"text": "a", "label": 1}, {"text": "b", "label": "1"}, {"text": "c", "label": 1.0}], None, r'the labels mix strings and numbers \(such as 1 and "1"\)'),
+    ],
+    ids=["null", "missing", "null-eval", "null-regression", "1-and-'1'"],
+)  # fmt: skip
+def test_rows_the_task_cannot_label_are_one_data_error(
+    minilm, tmp_path, task, train_rows, eval_rows, expected
+):
+    from transformers import AutoTokenizer
+
+    from tunelab import tasks
+
+    overrides = ["data=text_files", f"data.train={write_jsonl(tmp_path / 'train.jsonl', train_rows)}",
+                 "data.max_length=16", "data.eval_fraction=0"]  # fmt: skip
+    if eval_rows:
+        overrides.append(f"data.eval={write_jsonl(tmp_path / 'eval.jsonl', eval_rows)}")
+    cfg = config.compose(overrides)
+    with pytest.raises(data.DataError, match=expected):
+        tasks.get(task).prepare(
+            data.load(cfg.data), AutoTokenizer.from_pretrained(minilm), cfg.data
+        )
+
+
+def test_a_row_without_a_label_stops_the_cli_with_one_line_and_leaves_nothing(minilm, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [*GOOD, {"text": "x", "label": None}])
+    result = cli_run(
+        "train", "model=hf", f"model.name_or_path={minilm}", "model.task=sequence_classification",
+        "data=text_files", f"data.train={path}", f"output.root={tmp_path / 'out'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert (
+        line.startswith("tunelab: config error: data.train: 1 of ") and "rows have no label" in line
+    ), line
+    assert not list((tmp_path / "out" / "tunelab").glob("*"))  # no run directory
+    assert not (tmp_path / "m.db").exists()  # no MLflow run
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,14 @@ def labelled(split: Any, what: str = "label") -> Any:
 
 
 def labels(rows: Any) -> list[Any]:
-    """The classes in the training rows, in a stable order (sorted); [] for a regression."""
-    values = _label_values(rows.train)
+    """The classes in the training rows, in a stable order (sorted); [] for a regression.
+    Labels must all be strings or all numbers: a file that writes one class both ways (1 and
+    "1") is refused, since which rows belong together cannot be known. A column of numbers is
+    read as one type, so 1 and 1.0 are one class (whole numbers are classes)."""
+    column = labelled(rows.train)
+    _refuse_mixed_kinds(column, "train")
+    _refuse_missing(column, "train")
+    values = _label_values(column)
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if numbers:
         if any(isinstance(v, float) and v % 1 for v in values):
@@ -63,6 +69,35 @@ def labels(rows: Any) -> list[Any]:
     raise DataError(
         f"data.label_column: labels mix kinds ({', '.join(kinds)}); use all strings or all numbers"
     )
+
+
+def _refuse_mixed_kinds(column: Any, split: str) -> None:
+    """`datasets` keeps a JSON column that mixes strings and numbers as JSON text, in which 1 and
+    "1" can no longer be told apart: refuse it rather than guess."""
+    import datasets
+
+    if isinstance(column.features.get("label"), datasets.Json):
+        raise DataError(
+            f'data.{split}: the labels mix strings and numbers (such as 1 and "1"), so rows '
+            "of one class could be split or merged; write every label the same way (all "
+            "strings, or all numbers)"
+        )
+
+
+def _refuse_missing(column: Any, split: str) -> None:
+    """Every row of a split needs a label: one line counting those without, quoting the first."""
+    import pyarrow.compute as pc
+
+    labels = column.select_columns(["label"]).with_format("arrow")[:]["label"]  # this split's
+    missing = pc.is_null(labels)
+    count = int(pc.sum(missing).as_py() or 0)
+    if count:
+        text = str(column[int(pc.index(missing, True).as_py())]["text"])
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise DataError(
+            f"data.{split}: {count} of {len(column)} rows have no label (null or missing), such "
+            f"as the row {shown!r}; give every row a label (data.label_column), or drop them"
+        )
 
 
 def _norm(value: Any) -> Any:
@@ -101,7 +136,9 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
         if not split:
             splits.append(None)
             continue
-        column = dataset(split)
+        column = labelled(split)
+        _refuse_mixed_kinds(column, split_name)
+        _refuse_missing(column, split_name)
         if names:
             unknown = sorted(str(v) for v in {_norm(v) for v in _label_values(column)} - set(names))
             if unknown:
