@@ -643,4 +643,8 @@ def test_one_50_mb_row_trains_in_bounded_memory(tmp_path, kind, task):
     code, peak = map(int, proc.stdout.split())
     assert code == 0, proc.stderr
     assert peak < 3e9, f"peak RSS {peak / 1e9:.1f} GB"
-    assert list((tmp_path / "out").glob("*/*/model/manifest.json"))  # a finished run
+    (log,) = (tmp_path / "out").glob("*/*/train.log")
+    assert (log.parent / "model" / "manifest.json").is_file()  # a finished run
+    if kind == "text":  # counted in pieces, exactly: a token per character, and the end token
+        chars = len(json.loads(path.open().readline())["text"])
+        assert f"(the longest: {chars + 1})" in log.read_text()
