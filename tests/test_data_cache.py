@@ -13,6 +13,7 @@ import pytest
 
 from tunelab import config, data, runner
 from tunelab import model as models
+from tunelab.data import cache as data_cache
 from tunelab.tasks import causal_lm, token_classification
 
 TEXTS = [f"row {i}: the {'quick' if i % 2 else 'lazy'} fox" for i in range(30)]
@@ -204,3 +205,22 @@ def test_a_run_trains_after_its_tokenized_rows_were_damaged(tmp_path, caplog):
         w for w in warnings if str(victim.parent) in w
     ]
     assert len([w for w in warnings if "damaged" in w]) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_damaged_rows_read_through_the_scanner_are_read_again(tmp_path, caplog, damage):
+    """Rows `datasets` cannot give one Arrow type are written by tunelab's scanner into an entry
+    of `datasets`' generator builder: checked the same way."""
+    path = tmp_path / "mixed.jsonl"  # pyarrow cannot give the column x one type
+    path.write_text("".join(f'{{"text": "{t}", "x": {i if i % 2 else json.dumps(t)}}}\n'
+                            for i, t in enumerate(TEXTS)))  # fmt: skip
+    cfg = _cfg(path, "data.eval_fraction=0").data
+    cache = tmp_path / "cache"
+    fresh = data.load(cfg, cache).train[:]
+    victim = _one_file(cache, "generator/*/*/generator-train.arrow")
+    assert victim.parent in {e.path for e in data_cache.cached_entries(cache)}  # pruned too
+    DAMAGE[damage](victim)
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        assert data.load(cfg, cache).train[:] == fresh
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"{victim.parent} are damaged" in warnings[0], warnings

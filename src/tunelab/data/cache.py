@@ -222,7 +222,7 @@ def _built_files(entry: Path) -> list[Path]:
 
 
 def intact_builder_entry(entry: Path) -> bool:
-    """Whether the `datasets` builder entry `entry` (`<builder>/<config>/<version>/<hash>/`) may
+    """Whether the `datasets` builder entry `entry` (`<builder>/<config>/<version>/[<hash>/]`) may
     be read: absent, or its files match the record tunelab made of them (made now, after a check
     that every Arrow file reads, for an entry that has none). A damaged entry is removed with one
     warning and False returned: build it again. A damaged map cache beside its files is removed
@@ -237,8 +237,8 @@ def intact_builder_entry(entry: Path) -> bool:
         problem = _builder_damage(entry)  # removed by another process meanwhile?
         if problem is None:
             return True
-        log.warning("data: the cached %s rows %s are damaged (%s); removed them, reading the "
-                    "files again", _kind(entry), entry, problem)  # fmt: skip
+        log.warning("data: the cached rows %s are damaged (%s); removed them, reading the "
+                    "files again", entry, problem)  # fmt: skip
         _set_aside(entry)
     return False
 
@@ -248,10 +248,6 @@ def record_builder_entry(entry: Path) -> None:
     if entry.is_dir() and not (entry / RECORD).exists() and (entry / INFO).is_file():
         files = {p.name: [p.stat().st_size, integrity.file_digest(p)] for p in _built_files(entry)}
         integrity.write_sealed(entry / RECORD, {integrity.CHECKSUMS: files, "maps": {}})
-
-
-def _kind(entry: Path) -> str:
-    return entry.parents[2].name  # <builder>/<config>/<version>/<hash>
 
 
 def _builder_damage(entry: Path) -> str | None:
@@ -387,7 +383,9 @@ def cached_entries(root: Path) -> list[Entry]:
     for path in (root / "tunelab").glob("*/*"):  # tunelab/<kind>/<digest>/meta.json
         if path.parent.name != IN_USE and (path / "meta.json").is_file():
             found.append(_entry(path, path.parent.name))
-    for info in root.glob("*/*/*/*/dataset_info.json"):  # <builder>/<config>/<version>/<hash>
+    # <builder>/<config>/<version>/<hash>/, or without the hash (the generator builder's)
+    infos = [*root.glob("*/*/*/*/dataset_info.json"), *root.glob("*/*/*/dataset_info.json")]
+    for info in infos:
         kind = info.relative_to(root).parts[0]
         if kind != "tunelab" and not info.parent.name.endswith(".incomplete"):
             found.append(_entry(info.parent, kind))
@@ -473,8 +471,8 @@ def _remove_leftovers(root: Path) -> None:
     `.<name>.damaged`), unless that entry is held now."""
     from tunelab import locks
 
-    left = [*root.glob("tunelab/*/.*.pruned"), *root.glob("*/*/*/.*.pruned"),
-            *root.glob("tunelab/*/.*.damaged"), *root.glob("*/*/*/.*.damaged")]  # fmt: skip
+    left = [p for depth in ("*/*", "*/*/*") for suffix in ("pruned", "damaged")
+            for p in root.glob(f"{depth}/.*.{suffix}")]  # fmt: skip
     for doomed in left:
         lock = _in_use_lock(root, doomed.with_name(doomed.name[1:].rsplit(".", 1)[0]))
         try:
