@@ -211,3 +211,54 @@ def test_an_optuna_sweep_over_files_without_an_objective_asks_for_a_direction():
     sweeper.config = config.compose(["data=text_files", "data.train=x.jsonl"])
     with pytest.raises(ValueError, match="hydra.sweeper.direction: set it"):
         sweeper.direction()
+
+
+@pytest.mark.slow
+def test_a_store_lost_mid_sweep_ends_it_non_zero_saying_so(tmp_path):
+    """The tracking server goes away while the first job trains: that job finishes untracked,
+    the second fails (or both do), the parent cannot be ended. Hydra makes the end-of-sweep error a warning;
+    tunelab counts the failure and says the outcome was not recorded: exit 1, no traceback."""
+    import urllib.request
+
+    import psutil
+
+    from tests.conftest import Background, free_port, new_workspace, wait_for
+
+    port = free_port()
+    server = Background(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        tmp_path,
+    )  # fmt: skip
+
+    def healthy() -> bool:
+        try:
+            return (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            )
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, server.proc, timeout=120)
+        ws = new_workspace(tmp_path / "ws", None)
+        args = ["train", "-m", f"output.root={ws.root / 'outputs'}",
+                f"tracking.uri=http://127.0.0.1:{port}", *tiny(*SHARED, "seed=1,2")]  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tunelab", *args], cwd=ws.root, text=True,
+            env=env(TUNELAB_TEST_START_DELAY="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        sweeps = ws.root / "outputs" / "tunelab" / "sweeps"
+        wait_for(lambda: any(sweeps.glob("*/*/train.log")), proc)  # the first job started
+        for p in [*psutil.Process(server.proc.pid).children(recursive=True), server.proc]:
+            p.kill()  # its workers too: they would go on serving
+        server.proc.wait()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        server.stop()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "job(s) of the sweep failed (see above)" in err, err[-3000:]
+    assert "the sweep's outcome could not be recorded in its tracking store" in err, err[-3000:]

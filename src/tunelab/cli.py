@@ -101,9 +101,18 @@ def train(args: list[str]) -> None:
     sweeps.forget_failures()  # a process may run several commands (tests, notebooks)
     try:
         app()
-        failed = sweeps.failed_jobs()
+        failed, unrecorded = sweeps.failed_jobs(), sweeps.unrecorded_end()
         if failed:
             print(f"tunelab: {failed} job(s) of the sweep failed (see above)", file=sys.stderr)
+        if unrecorded:
+            print(
+                f"tunelab: the sweep's outcome could not be recorded in its tracking store "
+                f"({unrecorded}); its parent run is ended by the next tunelab command on this "
+                "host, and the same command, once the store answers, records it (finished jobs "
+                "are skipped)",
+                file=sys.stderr,
+            )
+        if failed or unrecorded:
             raise SystemExit(1)
     except KeyboardInterrupt as exc:
         # SIGTERM/SIGINT: the run wrote a checkpoint and is KILLED in MLflow; the same command

@@ -77,6 +77,7 @@ def parent_run_id(sweep_dir: str | Path) -> str | None:
 
 FAILURE = "tunelab_failed.json"  # in a job's directory: why the job failed, until it succeeds
 _failed = 0  # jobs of the last multirun of this process that failed (for the exit status)
+_unrecorded: str | None = None  # why the last multirun's end could not be recorded, if it could not
 
 
 def record_failure(job_dir: Path, name: str, why: str) -> None:
@@ -99,9 +100,15 @@ def failed_jobs() -> int:
     return _failed
 
 
+def unrecorded_end() -> str | None:
+    """Why the end of this process's last multirun could not be recorded in MLflow (None when
+    it was, or nothing was tracked)."""
+    return _unrecorded
+
+
 def forget_failures() -> None:
-    global _failed
-    _failed = 0
+    global _failed, _unrecorded
+    _failed, _unrecorded = 0, None
 
 
 def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) -> str | None:
@@ -262,9 +269,13 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        global _failed
+        global _failed, _unrecorded
         HydraConfig.instance().set_config(config)
         sweep_dir = Path(HydraConfig.get().sweep.dir)
-        jobs = finish_parent(config, sweep_dir)
-        _failed = len(failures(sweep_dir))
+        _failed = len(failures(sweep_dir))  # counted first: the store may be gone
+        try:
+            jobs = finish_parent(config, sweep_dir)
+        except Exception as exc:  # noqa: BLE001 (Hydra would turn it into a warning, exit 0)
+            _unrecorded = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            jobs = [_untracked(f) for f in failures(sweep_dir)]
         print(summary(jobs))
