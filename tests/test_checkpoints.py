@@ -141,6 +141,7 @@ def test_sigterm_checkpoints_marks_killed_and_the_same_command_resumes(workspace
     client, (again,) = runs_of(workspace)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["tunelab.resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    assert "tunelab.error" not in again.data.tags  # the first attempt's no longer describes it
     assert artifacts.read_manifest(run_dir_of(workspace) / "model")["step"] == 60
 
 

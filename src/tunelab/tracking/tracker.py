@@ -317,7 +317,13 @@ class MlflowTracker:
         testhooks.hold("FINISH")  # a test signals the process right here
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
+        elif self.continued:  # an earlier attempt's error would describe this run wrongly
+            self._forget_earlier_error()
         self.client.set_terminated(self.id, status)
+
+    def _forget_earlier_error(self) -> None:
+        if "tunelab.error" in self.client.get_run(self.id).data.tags:
+            self.client.delete_tag(self.id, "tunelab.error")
 
 
 def _drop_queued_metrics(client: Any) -> None:
