@@ -603,19 +603,21 @@ print(proc.stderr[-3000:], file=sys.stderr)
 
 
 def _long_row_file(path: Path, kind: str, mb: int = 50) -> Path:
-    """A JSON Lines file whose first row is about `mb` MB (text, or words with their tags),
-    then 40 short rows."""
+    """A JSON Lines file whose first row is about `mb` MB (text, a conversation, or words with
+    their tags), then 40 short rows."""
     import itertools
 
     vocabulary = ["alpha", "beta", "gamma", "delta", "the", "quick", "fox", "lazy", "dog"]
     short = [list(itertools.islice(itertools.cycle(vocabulary), i, i + 30)) for i in range(40)]
     with open(path, "w") as f:
-        if kind == "text":
+        if kind in ("text", "messages"):
             n = mb * 1_000_000 // 5
-            f.write(
-                json.dumps({"text": " ".join(itertools.islice(itertools.cycle(vocabulary), n))})
-            )
-            f.write("\n" + "".join(json.dumps({"text": " ".join(w)}) + "\n" for w in short))
+            text = " ".join(itertools.islice(itertools.cycle(vocabulary), n))
+            rows: list = [text, *(" ".join(w) for w in short)]
+            if kind == "messages":  # the long text is an assistant's turn
+                rows = [[{"role": "user", "content": "go"}, {"role": "assistant", "content": t}]
+                        for t in rows]  # fmt: skip
+            f.writelines(json.dumps({kind: row}) + "\n" for row in rows)
         else:
             n = mb * 1_000_000 // 13
             words = list(itertools.islice(itertools.cycle(vocabulary), n))
@@ -627,11 +629,13 @@ def _long_row_file(path: Path, kind: str, mb: int = 50) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("kind", "task"), [("text", "causal_lm"), ("words", "token_classification")]
+    ("kind", "task"),
+    [("text", "causal_lm"), ("messages", "causal_lm"), ("words", "token_classification")],
 )
 def test_one_50_mb_row_trains_in_bounded_memory(tmp_path, kind, task):
     """A 50 MB text row peaked at ~18 GB (its tokens, offsets and alignments in the tokenizer,
-    whole, while training the tokenizer and while encoding); a 48 MB row of words at 4.8 GB."""
+    whole, while training the tokenizer and while encoding), a 20 MB assistant's turn at 9 GB,
+    a 50 MB row of words at 5.2 GB."""
     path = _long_row_file(tmp_path / "long.jsonl", kind)
     assert path.stat().st_size > 45_000_000
     # Bytes only (no merges): a token per character, the most tokens a row can have.
