@@ -193,6 +193,8 @@ def test_a_bad_data_file_leaves_no_run_directory_and_no_mlflow_run(tmp_path):
     [
         (["runs", "--limit", "-5"], "argument --limit: -5 must be at least 1"),
         (["generate", "x", "12+34=", "--max-new-tokens", "-1"], "argument --max-new-tokens: -1 must be at least 1"),
+        (["ui", "--port", "70000"], "argument --port: 70000 is not a port (1-65535)"),
+        (["ui", "--port", "0"], "argument --port: 0 must be at least 1"),
     ],
 )  # fmt: skip
 def test_tool_arguments_out_of_range_are_refused(capsys, args, expected):

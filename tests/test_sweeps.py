@@ -215,9 +215,9 @@ def test_an_optuna_sweep_over_files_without_an_objective_asks_for_a_direction():
 
 @pytest.mark.slow
 def test_a_store_lost_mid_sweep_ends_it_non_zero_saying_so(tmp_path):
-    """The tracking server goes away while the first job trains: that job finishes untracked,
-    the second fails (or both do), the parent cannot be ended. Hydra makes the end-of-sweep error a warning;
-    tunelab counts the failure and says the outcome was not recorded: exit 1, no traceback."""
+    """The tracking server goes away while the first job starts: jobs fail, the parent cannot
+    be ended. Hydra makes the end-of-sweep error a warning (exit 0); tunelab counts the
+    failures and says the outcome was not recorded: exit 1, no traceback."""
     import urllib.request
 
     import psutil

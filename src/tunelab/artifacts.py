@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tunelab.constants import PICKLE_SUFFIXES
 from tunelab.model import is_peft
 
 MANIFEST = "manifest.json"
@@ -28,7 +29,6 @@ ADAPTER_DIR = "adapter"  # a PEFT run's adapter, in model/adapter/ beside the me
 RUN_RECORD = "tunelab_run.json"  # in the run directory: config fingerprint and MLflow run id
 CONFIG = "tunelab.yaml"
 CHECKSUMS = ("sha256", "xxh3_128")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _LIBRARIES = ("tunelab", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
               "datasets", "hydra-core", "omegaconf", "mlflow")  # fmt: skip
 

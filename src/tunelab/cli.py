@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run_tool(command: str, args: list[str]) -> None:
     """Run a store tool; an unreachable store or a bad argument is one line, not a traceback."""
-    from tunelab.config import ConfigError
+    from tunelab.errors import TunelabError
     from tunelab.tracking import TrackingUnavailable
 
     try:
         TOOLS[command](args)
-    except (TrackingUnavailable, ConfigError, OSError, RuntimeError) as exc:
+    except (TrackingUnavailable, TunelabError, OSError, RuntimeError) as exc:
         print(f"tunelab {command}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -263,6 +263,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    import argparse
+
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
     import argparse
 
@@ -339,7 +348,7 @@ def generate(args: list[str]) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=_positive, default=16)
     opts = parser.parse_args(args)
-    from tunelab.model import generate as continue_prompt
+    from tunelab.inference import generate as continue_prompt
 
     with _local_model(opts.model, opts.uri) as path:
         print(opts.prompt + continue_prompt(path, opts.prompt, opts.max_new_tokens))
@@ -350,7 +359,7 @@ def predict(args: list[str]) -> None:
     parser.add_argument("model", help="a model directory, a run id, or runs:/ / models:/ URI")
     parser.add_argument("text", nargs="+")
     opts = parser.parse_args(args)
-    from tunelab.model import predict as label
+    from tunelab.inference import predict as label
 
     with _local_model(opts.model, opts.uri) as path:
         for text, answer in zip(opts.text, label(path, opts.text), strict=True):
@@ -362,18 +371,24 @@ def _local_model(model: str, uri: str | None) -> Iterator[str]:
     """A model directory as it is, or a run's model downloaded (and verified) for the call."""
     import tempfile
 
+    from tunelab.inference import ModelRefused
     from tunelab.tracking import download_model
 
     if Path(model).is_dir():
         yield model
         return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the answer alone
     with tempfile.TemporaryDirectory() as tmp:
-        yield str(download_model(model, Path(tmp) / "model", uri))
+        path = str(download_model(model, Path(tmp) / "model", uri))
+        try:
+            yield path
+        except ModelRefused as exc:  # named as the user named it, not by the download's path
+            raise ModelRefused(str(exc).replace(path, model)) from None
 
 
 def ui(args: list[str]) -> None:
     parser = _parser("ui", "Open the MLflow UI on the store train writes to.")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=_port, default=5000)
     opts = parser.parse_args(args)
     from tunelab.tracking import resolve_uri
 

@@ -250,34 +250,6 @@ def parameter_count(model: Any) -> tuple[int, int]:
     return total, trainable
 
 
-def predict(path: str, texts: list[str]) -> list[str]:
-    """Each text's label and score (a classifier), or its tagged entities (a tagger)."""
-    from transformers import AutoConfig, pipeline
-
-    architectures = AutoConfig.from_pretrained(path).architectures or [""]
-    if architectures[0].endswith("ForTokenClassification"):
-        tagger = pipeline("token-classification", model=path, aggregation_strategy="simple")
-        return [
-            " ".join(f"{e['word']}/{e['entity_group']}" for e in found) or "(no entities)"
-            for found in tagger(texts)
-        ]
-    if not architectures[0].endswith("ForSequenceClassification"):
-        raise RuntimeError(f"{path} holds a {architectures[0]}; predict takes a classifier")
-    classifier = pipeline("text-classification", model=path)
-    return [f"{r['label']} ({r['score']:.3f})" for r in classifier(texts)]
-
-
-def generate(path: str, prompt: str, max_new_tokens: int = 16) -> str:
-    """Greedy continuation of `prompt` by the model in `path`, special tokens dropped."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return str(tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
-
-
 def full_state_dict(trainer: Any) -> dict[str, Any] | None:
     """Under FSDP the full weights, gathered on rank 0 (a collective: every rank calls this);
     None otherwise (the model itself holds them)."""

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import metrics
 from tunelab.config.schema import check_types
+from tunelab.constants import PICKLE_SUFFIXES
 from tunelab.errors import ConfigError
 
 
@@ -205,7 +206,6 @@ def _tracking_problems(tracking: dict[str, Any]) -> list[str]:
 def _model_source_problems(model: dict[str, Any]) -> list[str]:
     """A local model directory must hold safetensors weights (pickle only with allow_pickle);
     a hub id needs the hub, which is named plainly when offline."""
-    from tunelab.artifacts import PICKLE_SUFFIXES
     from tunelab.tracking.store import MODEL_URI_SCHEMES
 
     source = str(model["name_or_path"])

@@ -1,0 +1,7 @@
+"""Facts shared across tunelab. The ground floor: imports nothing of tunelab."""
+
+from __future__ import annotations
+
+# Files that unpickle on load (and so can run code): never part of an artifact, never loaded
+# unless asked for.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
