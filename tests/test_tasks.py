@@ -302,8 +302,14 @@ TAGGED = [{"text": ["alice", "flew"], "label": ["B-PER", "O"]}] * 4
         ("sequence_classification", GOOD, [GOOD[0], {"text": "x", "label": None}], r"data.eval: 1 of 2 rows have no label"),
         ("sequence_classification", [*REGRESSION, {"text": "x", "label": None}], None, r"data.train: 1 of 9 rows have no label"),
         ("sequence_classification", [{"text": "a", "label": 1}, {"text": "b", "label": "1"}, {"text": "c", "label": 1.0}], None, r'the labels mix strings and numbers \(such as 1 and "1"\)'),
+        ("token_classification", TAGGED, [*TAGGED, {"text": ["bob", "ran", "far"], "label": ["B-PER"]}], r"data.eval: row 5: 3 words but 1 tags; give one tag per word"),
+        ("token_classification", TAGGED, [{"text": ["bob", "ran"], "label": ["B-PER", "O", "O"]}], r"data.eval: row 1: 2 words but 3 tags"),
+        ("token_classification", TAGGED, [{"text": ["bob", "ran"], "label": ["B-PER", None]}], r"data.eval: row 1: tag 2 of 2 is null"),
+        ("token_classification", TAGGED, [{"text": ["bob", "ran"], "label": None}], r"data.eval: row 1: 2 words but no list of tags"),
+        ("token_classification", [*TAGGED, {"text": ["bob", "ran"], "label": [None, "O"]}], None, r"data.train: row 5: tag 1 of 2 is null"),
     ],
-    ids=["null", "missing", "null-eval", "null-regression", "1-and-'1'"],
+    ids=["null", "missing", "null-eval", "null-regression", "1-and-'1'", "eval-too-few-tags",
+         "eval-too-many-tags", "eval-null-tag", "eval-no-tags", "train-null-tag"],
 )  # fmt: skip
 def test_rows_the_task_cannot_label_are_one_data_error(
     minilm, tmp_path, task, train_rows, eval_rows, expected

@@ -17,7 +17,7 @@ from typing import Any
 from tunelab.data import DataError
 from tunelab.metrics import IGNORE
 from tunelab.tasks import Prepared, count_cut, head_loss
-from tunelab.tasks.sequence_classification import dataset, labelled
+from tunelab.tasks.sequence_classification import labelled
 
 AUTO_CLASS = "AutoModelForTokenClassification"
 PIPELINE = "token-classification"
@@ -48,19 +48,30 @@ def _first_words(text: Any, n: int) -> list[str]:
 
 def tags(rows: Any) -> list[Any]:
     """The tags of the training rows, sorted."""
-    column = labelled(rows.train, "tag")
-    found: set[Any] = set()
-    for n, (text, row_tags) in enumerate(zip(column["text"], column["label"], strict=True), 1):
-        if not isinstance(row_tags, list) or len(row_tags) != len(_words(text)):
-            raise DataError(
-                f"data.train: row {n}: {len(_words(text))} words but "
-                f"{len(row_tags) if isinstance(row_tags, list) else 'no list of'} tags; give one "
-                "tag per word"
-            )
-        found.update(row_tags)
+    found = _checked_tags(labelled(rows.train, "tag"), "train")
     if {type(t) for t in found} - {str, int}:
         raise DataError("data.label_column: tags must be strings or integers")
     return sorted(found, key=str)
+
+
+def _checked_tags(column: Any, split: str) -> set[Any]:
+    """The tags of a split's rows, each row checked first: a list of one tag (not null) per
+    word, or one line naming the row."""
+    found: set[Any] = set()
+    for n, (text, row_tags) in enumerate(zip(column["text"], column["label"], strict=True), 1):
+        words = len(_words(text)) if text is not None else 0
+        if not isinstance(row_tags, list) or len(row_tags) != words:
+            given = f"{len(row_tags)} tags" if isinstance(row_tags, list) else "no list of tags"
+            raise DataError(
+                f"data.{split}: row {n}: {words} words but {given}; give one tag per word"
+            )
+        if None in row_tags:
+            raise DataError(
+                f"data.{split}: row {n}: tag {row_tags.index(None) + 1} of {words} is null; give "
+                "every word a tag"
+            )
+        found.update(row_tags)
+    return found
 
 
 def model_kwargs(rows: Any) -> dict[str, Any]:
@@ -85,7 +96,9 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
         if not split:
             splits.append(None)
             continue
-        column = dataset(split)
+        column = labelled(split, "tag")
+        if split_name != "train":  # the training rows were checked by tags()
+            _checked_tags(column, split_name)
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
             words = [_first_words(t, cfg.max_length) for t in batch["text"]]
