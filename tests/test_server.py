@@ -78,10 +78,8 @@ def test_a_parallel_sweep_is_logged_to_postgresql_through_the_server(team, team_
         assert kid.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert parent.data.tags["tunelab.best_run_id"] in {k.info.run_id for k in kids}
     # The runs are rows in PostgreSQL, and the weights are files the server wrote.
-    import psycopg
 
-    with psycopg.connect(host="127.0.0.1", port=team.database.port, user="postgres",
-                         dbname="mlflow") as conn:  # fmt: skip
+    with team.database.connect("mlflow") as conn:  # as the superuser, with its password
         (count,) = conn.execute(
             "SELECT count(*) FROM runs WHERE experiment_id = %s", (int(experiment_id),)
         ).fetchone()
@@ -255,9 +253,90 @@ def test_a_second_start_of_the_same_directory_names_the_running_server(team, tmp
     _one_line(proc, "already runs", f"tracking.uri={team.url}")
 
 
-def test_a_taken_port_is_one_line(team, tmp_path):
+def test_a_taken_port_is_one_line_and_leaves_no_lock_file(team, tmp_path):
     proc = _server("--dir", "state", "--port", str(team.port), cwd=tmp_path)
     _one_line(proc, f"port {team.port} on 127.0.0.1 is taken")
+    assert not (tmp_path / "state").exists()  # refused before anything was made: not a lock
+    # A directory that held a server before keeps what it holds, less the lock file.
+    kept = team.state_dir.parent / "taken-port"
+    (kept / "artifacts").mkdir(parents=True)
+    proc = _server("--dir", str(kept), "--port", str(team.port), cwd=tmp_path)
+    _one_line(proc, f"port {team.port} on 127.0.0.1 is taken")
+    assert sorted(p.name for p in kept.iterdir()) == ["artifacts"]
+
+
+# ---------------------------------------------------------------------------------------------
+# No open door: PostgreSQL wants a password from everyone, and MLflow's role is no superuser.
+
+
+def _psql(port: int, user: str, *, as_user: str | None = None, passfile: Path | None = None,
+          sql: str = "SELECT 1") -> subprocess.CompletedProcess:  # fmt: skip
+    """psql against the team's cluster, never prompting (-w); as another OS user via runuser."""
+    cmd = ["psql", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "mlflow",
+           "-v", "ON_ERROR_STOP=1", "-c", sql]  # fmt: skip
+    if as_user:
+        cmd = ["runuser", "-u", as_user, "--", *cmd]
+    extra = {"PGPASSFILE": str(passfile)} if passfile else {"PGPASSFILE": "/nonexistent"}
+    environ = {k: v for k, v in env(**extra).items() if not k.startswith("PGPASSWORD")}
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=60)
+
+
+def _server_processes(team) -> list[int]:
+    """The pids of the team server's processes: PostgreSQL's, and MLflow's process group."""
+    import psutil
+
+    pids = set(_cluster_processes(team.state_dir))
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == team.proc.pid:
+                pids.add(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return sorted(pids)
+
+
+def test_postgresql_refuses_every_connection_without_the_password(team):
+    import psycopg
+
+    port = team.database.port
+    users = ["root", "nobody"] if os.geteuid() == 0 else [None]
+    for as_user in users:
+        for role in ("postgres", "mlflow"):
+            proc = _psql(port, role, as_user=None if as_user == "root" else as_user)
+            assert proc.returncode != 0, (as_user, role, proc.stdout)
+            assert "no password supplied" in proc.stderr, proc.stderr
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                        passfile="/nonexistent", connect_timeout=10)  # fmt: skip
+    # With the password: MLflow's role is no superuser, so its SQL cannot run programs.
+    passfile = team.database.passfile
+    assert _psql(port, "mlflow", passfile=passfile, sql="SELECT 1").returncode == 0
+    who = _psql(port, "mlflow", passfile=passfile, sql="SELECT rolsuper FROM pg_roles "
+                "WHERE rolname = current_user")  # fmt: skip
+    assert who.stdout.split()[2] == "f", who.stdout
+    copy = _psql(port, "mlflow", passfile=passfile, sql="COPY (SELECT 1) TO PROGRAM 'id'")
+    assert copy.returncode != 0 and "must be superuser" in copy.stderr, copy.stderr
+    hba = (team.database.pgdata / "pg_hba.conf").read_text()
+    assert not [ln for ln in hba.splitlines() if "trust" in ln.split("#")[0].split()]
+
+
+def test_the_secrets_are_0600_files_and_on_no_command_line(team):
+    secrets = team.state_dir / "secrets"
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in secrets.iterdir()] == ["pgpass"]
+    assert (secrets / "pgpass").stat().st_mode & 0o777 == 0o600
+    passwords = team_server.Passwords.read(secrets / "pgpass")
+    assert passwords is not None and len({passwords.superuser, passwords.mlflow}) == 2
+    pids = _server_processes(team)
+    assert len(pids) >= 4, pids  # postmaster and its workers, mlflow server and uvicorn
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        for secret in (passwords.superuser, passwords.mlflow):
+            assert secret.encode() not in cmdline, cmdline
+            assert secret.encode() not in environ, pid
+    mlflow_cmdline = Path(f"/proc/{team.proc.pid}/cmdline").read_bytes()
+    assert b"postgresql" not in mlflow_cmdline  # the store's URI is in its environment
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands PostgreSQL to another user")
@@ -323,3 +402,60 @@ def test_the_server_survives_kill_9_a_dead_database_and_a_stale_pid_file(tmp_pat
     assert not team_server._group_alive(again["mlflow_pid"]) and not _cluster_processes(state)
     assert team_server.port_is_free(int(url.rsplit(":", 1)[1]))
     subprocess.run(["rm", "-rf", str(state.parent)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's disk fills.
+
+
+@pytest.fixture
+def full_disk_server():
+    """A team server whose directory is a 128 MiB tmpfs, then filled to the last byte. Needs
+    mount rights (root with CAP_SYS_ADMIN, as on the project's machines); skipped otherwise."""
+    mountpoint = _state_dir("tunelab-full-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m,mode=755", "tmpfs",
+                              str(mountpoint)], capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
+    server = None
+    try:
+        server = team_server.start(mountpoint / "state", workers=1)
+        filler = mountpoint / "filler"
+        with open(filler, "wb") as f:
+            free = os.statvfs(mountpoint).f_bavail * os.statvfs(mountpoint).f_frsize
+            os.posix_fallocate(f.fileno(), 0, free)
+        assert os.statvfs(mountpoint).f_bavail == 0
+        yield server
+    finally:
+        (mountpoint / "filler").unlink(missing_ok=True)
+        if server is not None:
+            server.stop()
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        mountpoint.rmdir()
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_server_is_one_line_before_anything_is_trained(
+    full_disk_server, tmp_path
+):
+    url = full_disk_server.url
+    out = tmp_path / "outputs"
+    began = time.monotonic()
+    proc = tunelab("train", f"output.root={out}", f"tracking.uri={url}",
+                   "tracking.experiment=full-disk", *tiny("checkpoint=none"), cwd=tmp_path,
+                   check=False)  # fmt: skip
+    elapsed = time.monotonic() - began
+    assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"tunelab: tracking server {url} answers, but could not create the "
+                           "experiment 'full-disk'"), line  # fmt: skip
+    assert "a full disk?" in line and "mlflow.log" in line, line
+    assert elapsed < 120, elapsed
+    # Nothing was trained, and the run directory holds only what Hydra made before the run.
+    assert not list(out.rglob("model.safetensors")) and not list(out.rglob("checkpoints"))
+    (run_dir,) = (out / "full-disk").iterdir()
+    assert {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", ".tunelab.lock"}
+    from mlflow import MlflowClient
+
+    assert MlflowClient(url).get_experiment_by_name("full-disk") is None

@@ -7,6 +7,17 @@ by `mlflow server` (clients upload and download through it: `mlflow-artifacts:` 
     <dir>/postgresql.log   <dir>/mlflow.log
     <dir>/server.json      the ports and processes of the last start (the port is kept)
     <dir>/server.lock      held by the process that runs the server
+    <dir>/secrets/         0700, each file 0600, generated at the first start, never on a
+                           command line: `pgpass` (libpq's password file: the superuser's and
+                           the `mlflow` role's passwords); with --auth, MLflow's login:
+                           `mlflow-login.env` (the admin's MLFLOW_TRACKING_USERNAME/PASSWORD),
+                           `basic_auth.ini` and `basic_auth.db` (MLflow's users), `flask.key`
+
+Every connection to PostgreSQL needs a password (scram-sha-256; pg_hba.conf has no `trust`
+line). MLflow connects as `mlflow`, a role without superuser rights that owns the `mlflow`
+database: SQL reaching the database through MLflow cannot run programs (`COPY ... TO PROGRAM`
+needs a superuser). A cluster made by an earlier tunelab with trust authentication is migrated
+at its next start (passwords set, pg_hba.conf rewritten, the database handed to `mlflow`).
 
 `tunelab server` (`make server`) runs it in the foreground; Ctrl-C or SIGTERM stops MLflow, then
 PostgreSQL (`pg_ctl stop -m fast`). PostgreSQL refuses to run as root: as root its commands run
@@ -35,10 +46,24 @@ from tunelab import artifacts, locks
 DEFAULT_DIR = ".tunelab-server"
 PG_USER = "postgres"  # the cluster's superuser, and the OS user it runs as under root
 DATABASE = "mlflow"
+MLFLOW_ROLE = "mlflow"  # what MLflow connects as: owns DATABASE, no superuser rights
 INSTALL_HINT = "install them with `apt-get install -y postgresql`"
 # Written into a new cluster's postgresql.conf: TCP on loopback only, no unix socket (its path
 # would be limited to 107 bytes, and the system's socket directory may not be writable).
 PG_CONF = "\n# tunelab server\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+# The cluster's pg_hba.conf: a password for every connection, whoever makes it.
+PG_HBA = """\
+# tunelab server: every connection needs a password (scram-sha-256); PostgreSQL listens on
+# 127.0.0.1 only. The passwords are in ../secrets/pgpass (0600).
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+host    all       all   ::1/128       scram-sha-256
+"""
+SECRETS = "secrets"  # under the state directory: 0700, every file in it 0600
+PGPASS = "pgpass"
+LOGIN_FILE = "mlflow-login.env"  # with --auth: MLflow's admin login, for clients
+AUTH_ADMIN = "admin"
 
 
 class ServerError(RuntimeError):
@@ -105,22 +130,95 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def write_secret(path: Path, text: str) -> None:
+    """`text` into `path`, readable by this user alone (0600) from the moment it exists (written
+    beside it and renamed into place); a directory made for it is closed to others (0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_password() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(32)  # [A-Za-z0-9_-]: nothing a pgpass or ini line escapes
+
+
+@dataclass
+class Passwords:
+    """The cluster's two passwords, in libpq's password file `file` (`PGPASSFILE=FILE psql -h
+    127.0.0.1 -p PORT -U postgres` for an administrator): the superuser's, and the `mlflow`
+    role's, which MLflow's server connects as (libpq reads it there: no password in a URI, an
+    environment variable or a command line)."""
+
+    file: Path
+    superuser: str
+    mlflow: str
+
+    @classmethod
+    def read(cls, file: Path) -> Passwords | None:
+        found: dict[str, str] = {}
+        try:
+            for line in file.read_text().splitlines():
+                fields = line.split(":")
+                if len(fields) == 5 and not line.startswith("#"):
+                    found[fields[3]] = fields[4]
+        except OSError:
+            return None
+        if PG_USER not in found or MLFLOW_ROLE not in found:
+            return None
+        return cls(file, found[PG_USER], found[MLFLOW_ROLE])
+
+    @classmethod
+    def kept_or_new(cls, file: Path) -> Passwords:
+        """The passwords in `file`, or new ones written there first."""
+        kept = cls.read(file)
+        if kept is not None:
+            return kept
+        made = cls(file, new_password(), new_password())
+        write_secret(
+            file,
+            "# tunelab server: PostgreSQL's passwords (libpq password file; keep it 0600)\n"
+            f"127.0.0.1:*:*:{PG_USER}:{made.superuser}\n"
+            f"127.0.0.1:*:*:{MLFLOW_ROLE}:{made.mlflow}\n",
+        )
+        return made
+
+
 @dataclass
 class Database:
-    """One PostgreSQL cluster in `pgdata`, served on 127.0.0.1:`port`."""
+    """One PostgreSQL cluster in `pgdata`, served on 127.0.0.1:`port`, every connection with a
+    password from `passfile`."""
 
     bins: Binaries
     pgdata: Path
     log: Path
     port: int = 0
+    passfile: Path | None = None
+    passwords: Passwords | None = field(default=None, repr=False)
+    migrated: bool = False  # this start moved a trust-authentication cluster to passwords
+
+    def __post_init__(self) -> None:
+        if self.passfile is None:
+            self.passfile = self.pgdata.parent / SECRETS / PGPASS
 
     @property
     def uri(self) -> str:
-        """The SQLAlchemy URI MLflow's server stores its runs in (psycopg 3 driver)."""
-        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{DATABASE}"
+        """The SQLAlchemy URI MLflow's server stores its runs in (psycopg 3 driver): no password
+        in it; libpq finds the role's in PGPASSFILE."""
+        return f"postgresql+psycopg://{MLFLOW_ROLE}@127.0.0.1:{self.port}/{DATABASE}"
 
     def create(self) -> None:
-        """initdb, unless `pgdata` already holds a cluster of this major version."""
+        """initdb with password authentication, unless `pgdata` already holds a cluster of this
+        major version; either way the passwords are known afterwards (generated for a new
+        cluster, or one still on trust authentication, which ensure_database migrates)."""
+        assert self.passfile is not None
         version_file = self.pgdata / "PG_VERSION"
         if version_file.is_file():
             made_by = version_file.read_text().strip()
@@ -130,7 +228,18 @@ class Database:
                     f"version {self.bins.version} ({self.bins.bin_dir}): use a new --dir, or "
                     f"point TUNELAB_PG_BIN at PostgreSQL {made_by}'s binaries"
                 )
+            if self.trusts():
+                self.passwords = Passwords.kept_or_new(self.passfile)
+                return
+            self.passwords = Passwords.read(self.passfile)
+            if self.passwords is None:
+                raise ServerError(
+                    f"the PostgreSQL cluster in {self.pgdata} needs passwords, and "
+                    f"{self.passfile} (which holds them) is missing or incomplete: restore it, "
+                    "or delete the directory to start from an empty store"
+                )
             return
+        self.passwords = Passwords.kept_or_new(self.passfile)
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self.pgdata.chmod(0o700)  # initdb insists
         self._own(self.pgdata)
@@ -142,12 +251,39 @@ class Database:
                 f"reach {self.pgdata}: a directory above it is closed to other users. Choose a "
                 "--dir it can reach, e.g. --dir /var/tmp/tunelab-server"
             )
-        args = ["-D", str(self.pgdata), "-U", PG_USER, "-A", "trust", "-E", "UTF8", "--locale=C"]
-        failed = _run(self.bins.cmd("initdb", *args), cwd=self.pgdata)
+        # The superuser's password reaches initdb in a file only its user can read, removed
+        # at once: never on a command line.
+        pwfile = self.pgdata.parent / ".initdb-password"
+        write_secret(pwfile, self.passwords.superuser + "\n")
+        self._own(pwfile)
+        args = ["-D", str(self.pgdata), "-U", PG_USER, "--auth=scram-sha-256",
+                f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C"]  # fmt: skip
+        try:
+            failed = _run(self.bins.cmd("initdb", *args), cwd=self.pgdata)
+        finally:
+            pwfile.unlink(missing_ok=True)
         if failed:
             raise ServerError(f"initdb {self.pgdata} failed: {failed}")
         with open(self.pgdata / "postgresql.conf", "a") as conf:
             conf.write(PG_CONF)
+        self._write_hba()
+
+    def trusts(self) -> bool:
+        """Whether pg_hba.conf lets any connection in without a password (`trust`: how tunelab
+        made clusters before it set passwords)."""
+        try:
+            lines = (self.pgdata / "pg_hba.conf").read_text().splitlines()
+        except OSError:
+            return False
+        return any("trust" in ln.split("#", 1)[0].split() for ln in lines)
+
+    def _write_hba(self) -> None:
+        hba = self.pgdata / "pg_hba.conf"
+        tmp = hba.with_name(".pg_hba.conf.tunelab")
+        tmp.write_text(PG_HBA)
+        tmp.chmod(0o600)
+        self._own(tmp)
+        os.replace(tmp, hba)
 
     def start(self) -> None:
         """Start the cluster on `port` (a free one when 0), after clearing what a killed
@@ -166,20 +302,79 @@ class Database:
             )
 
     def ensure_database(self) -> None:
-        """Create the `mlflow` database once (MLflow's server creates its tables in it)."""
+        """A cluster still on trust authentication gets its superuser's password and our
+        pg_hba.conf first; then, with the password: the `mlflow` role (its password the one in
+        the file), and the `mlflow` database owned by it (MLflow's server creates its tables
+        there), with what an earlier superuser-owned database holds handed over to it."""
         import psycopg
 
+        assert self.passwords is not None
         try:
-            with psycopg.connect(
-                host="127.0.0.1", port=self.port, user=PG_USER, dbname="postgres",
-                autocommit=True, connect_timeout=10,
-            ) as conn:  # fmt: skip
-                found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-                if found.fetchone() is None:
-                    conn.execute(f'CREATE DATABASE "{DATABASE}"')
+            if self.trusts():
+                self._set_passwords_of_a_trusting_cluster()
+            with self.connect("postgres") as conn:
+                verifier = _verifier(conn, MLFLOW_ROLE, self.passwords.mlflow)
+                found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (MLFLOW_ROLE,))
+                make = "ALTER" if found.fetchone() else "CREATE"
+                conn.execute(
+                    _sql(make + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}",
+                         _id(MLFLOW_ROLE), _literal(verifier))
+                )  # fmt: skip
+                row = conn.execute(
+                    "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+                    (DATABASE,),
+                ).fetchone()
+                if row is None:
+                    conn.execute(_sql("CREATE DATABASE {} OWNER {}", _id(DATABASE),
+                                      _id(MLFLOW_ROLE)))  # fmt: skip
+                elif row[0] != MLFLOW_ROLE:
+                    conn.execute(_sql("ALTER DATABASE {} OWNER TO {}", _id(DATABASE),
+                                      _id(MLFLOW_ROLE)))  # fmt: skip
+                    self.migrated = True
+                    with self.connect(DATABASE) as in_db:
+                        _hand_over(in_db, MLFLOW_ROLE)
         except psycopg.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ServerError(f"cannot create the {DATABASE!r} database: {first}") from None
+            raise ServerError(f"cannot prepare the {DATABASE!r} database: {first}") from None
+
+    def connect(self, dbname: str, password: bool = True) -> Any:
+        """A connection as the superuser, its password read from `passfile` by libpq."""
+        import psycopg
+
+        # Without `password`: a password file that does not exist (not ~/.pgpass, nor
+        # $PGPASSFILE), so libpq has no password to offer.
+        passfile = self.passfile if password else self.pgdata.parent / ".no-password"
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=PG_USER, dbname=dbname, autocommit=True,
+            connect_timeout=10, passfile=str(passfile),
+        )  # fmt: skip
+
+    def _set_passwords_of_a_trusting_cluster(self) -> None:
+        """Migrate a cluster made with trust authentication: the superuser's password set
+        (sent as a SCRAM verifier, never in clear), pg_hba.conf rewritten, the server told to
+        reload it; returns once a connection without a password is refused."""
+        import psycopg
+
+        assert self.passwords is not None
+        with self.connect("postgres", password=False) as conn:
+            verifier = _verifier(conn, PG_USER, self.passwords.superuser)
+            conn.execute(_sql("ALTER ROLE {} PASSWORD {}", _id(PG_USER), _literal(verifier)))
+        self._write_hba()
+        failed = _run(self.bins.cmd("pg_ctl", "-D", str(self.pgdata), "reload"))
+        if failed:
+            raise ServerError(f"PostgreSQL did not reload its pg_hba.conf: {failed}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.connect("postgres", password=False).close()
+            except psycopg.OperationalError:
+                self.migrated = True
+                return
+            time.sleep(0.2)
+        raise ServerError(
+            f"PostgreSQL in {self.pgdata} still lets connections in without a password after "
+            "its pg_hba.conf was rewritten; see its log"
+        )
 
     def pid(self) -> int | None:
         """The pid of this cluster's running postmaster, or None when it is not running: the
@@ -230,6 +425,67 @@ class Database:
             shutil.chown(path, PG_USER, PG_USER)
 
 
+def prepare_login(state: Path) -> dict[str, str]:
+    """MLflow's basic-auth app (`--auth`): its admin's login generated once into
+    secrets/mlflow-login.env for clients, its config (secrets/basic_auth.ini: the users'
+    database, secrets/basic_auth.db, and the admin's first password) and CSRF key; returns the
+    environment `mlflow server --app-name basic-auth` reads them from."""
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:
+        raise ServerError(
+            "tunelab server --auth needs MLflow's auth extra (Flask-WTF): pip install "
+            "'mlflow[auth]' (or 'tunelab[server]'), or start without --auth"
+        )
+    folder = state / SECRETS
+    login, users = folder / LOGIN_FILE, folder / "basic_auth.db"
+    found = _read_login(login)
+    if found is None:
+        if users.exists():
+            raise ServerError(
+                f"{login}, MLflow's admin login for this server, is missing, but its users are "
+                f"kept in {users}: restore the file, or delete {users} to make a new admin"
+            )
+        found = (AUTH_ADMIN, new_password())
+        write_secret(
+            login,
+            "# tunelab server --auth: MLflow's admin login. In a shell: `. THIS_FILE`, then\n"
+            "# tunelab train tracking.uri=http://127.0.0.1:PORT (MLflow's clients read these)\n"
+            f"export MLFLOW_TRACKING_USERNAME={found[0]}\n"
+            f"export MLFLOW_TRACKING_PASSWORD={found[1]}\n",
+        )
+    user, password = found
+    if not users.exists():  # sqlite takes an empty file for a new database: made 0600 here
+        os.close(os.open(users, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    # The admin's password is read from here only while the admin does not exist yet.
+    write_secret(
+        folder / "basic_auth.ini",
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{users}\n"
+        f"admin_username = {user}\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    key = folder / "flask.key"
+    if not key.is_file():
+        write_secret(key, new_password() + "\n")
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "basic_auth.ini"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": key.read_text().strip(),
+    }
+
+
+def _read_login(file: Path) -> tuple[str, str] | None:
+    values = {}
+    try:
+        for line in file.read_text().splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            values[name.strip()] = value.strip()
+    except OSError:
+        return None
+    user, password = values.get("MLFLOW_TRACKING_USERNAME"), values.get("MLFLOW_TRACKING_PASSWORD")
+    return (user, password) if user and password else None
+
+
 @dataclass
 class Server:
     """A started team server: PostgreSQL, and `mlflow server` in a process group of its own."""
@@ -239,6 +495,7 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     lock: locks.Lock
+    login: Path | None = None  # with --auth: the file holding MLflow's admin login
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -254,9 +511,10 @@ class Server:
             _stop_group(self.proc.pid)
             self.proc.wait()
             self.database.stop("fast")
-            _write_state(self.state_dir, {"port": self.port})
+            with contextlib.suppress(OSError):  # a full disk: server.json keeps the same port
+                _write_state(self.state_dir, {"port": self.port})
         finally:
-            self.lock.release()
+            _release(self.lock)
 
 
 def start(
@@ -265,14 +523,17 @@ def start(
     workers: int = 2,
     bin_dir: str | Path | None = None,
     timeout: float = 180,
+    auth: bool | None = None,
 ) -> Server:
     """Start PostgreSQL and `mlflow server` on it, both on 127.0.0.1, state in `state_dir`;
     return once the server answers /health. `port`: the server's port (default: the one this
-    directory used last, when free, else a free one)."""
+    directory used last, when free, else a free one). `auth`: MLflow's login on (True) or off
+    (False); None: on when this directory was started with it before."""
     bins = find_binaries(bin_dir)
     _require_driver()
     _require_pg_user()
     state = Path(state_dir).expanduser().resolve()
+    made = not state.exists()
     state.mkdir(parents=True, exist_ok=True)
     lock = _lock(state)
     database = Database(bins, state / "pgdata", state / "postgresql.log")
@@ -280,14 +541,20 @@ def start(
     try:
         _stop_leftover_mlflow(state)
         port = _choose_port(port, _read_state(state).get("port"))
+        if auth is None:
+            auth = (state / SECRETS / "basic_auth.ini").is_file()
+        login_env = prepare_login(state) if auth else {}
         database.create()
         database.start()
         database.ensure_database()
         (state / "artifacts").mkdir(exist_ok=True)
-        proc = _start_mlflow(state, database.uri, port, workers)
-        server = Server(state, database, port, proc, lock)
+        assert database.passfile is not None
+        proc = _start_mlflow(state, database, port, workers, login_env)
+        login = state / SECRETS / LOGIN_FILE if auth else None
+        server = Server(state, database, port, proc, lock, login)
         _write_state(state, {"port": port, "pid": os.getpid(), "mlflow_pid": proc.pid,
-                             "postgres_port": database.port, "url": server.url})  # fmt: skip
+                             "postgres_port": database.port, "url": server.url,
+                             "auth": bool(auth)})  # fmt: skip
         _wait_healthy(server, timeout)
         return server
     except BaseException:
@@ -295,11 +562,25 @@ def start(
             _stop_group(proc.pid)
             proc.wait()
         database.stop("fast")
-        lock.release()
+        _release(lock)
+        if made and not any(state.iterdir()):  # refused before anything was made in it
+            state.rmdir()
         raise
 
 
-def serve(state_dir: str | Path = DEFAULT_DIR, port: int | None = None, workers: int = 2) -> int:
+def _release(lock: locks.Lock) -> None:
+    """Let go of the state directory's lock, and remove its file while still holding it (safe
+    then: locks.Lock), so a stopped or refused server leaves no lock file behind."""
+    lock.path.unlink(missing_ok=True)
+    lock.release()
+
+
+def serve(
+    state_dir: str | Path = DEFAULT_DIR,
+    port: int | None = None,
+    workers: int = 2,
+    auth: bool | None = None,
+) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM (exit status 0), or until
     MLflow or PostgreSQL stops by itself (1)."""
 
@@ -308,7 +589,7 @@ def serve(state_dir: str | Path = DEFAULT_DIR, port: int | None = None, workers:
 
     previous = signal.signal(signal.SIGTERM, stop_on_signal)
     try:
-        server = start(state_dir, port, workers)
+        server = start(state_dir, port, workers, auth=auth)
     except KeyboardInterrupt:  # start() stopped what it had started
         signal.signal(signal.SIGTERM, previous)
         print("tunelab server: interrupted while starting; stopped", file=sys.stderr)
@@ -319,9 +600,25 @@ def serve(state_dir: str | Path = DEFAULT_DIR, port: int | None = None, workers:
         f"(127.0.0.1:{server.database.port}), artifacts proxied into {state / 'artifacts'}\n"
         f"  tunelab train tracking.uri={server.url}      "
         f"(or export MLFLOW_TRACKING_URI={server.url})\n"
-        f"  logs: {state / 'mlflow.log'}, {state / 'postgresql.log'}; Ctrl-C stops both",
+        f"  logs: {state / 'mlflow.log'}, {state / 'postgresql.log'}; Ctrl-C stops both\n"
+        f"  PostgreSQL's passwords: {server.database.passfile} (0600; MLflow connects as "
+        f"{MLFLOW_ROLE!r}, not as a superuser)\n"
+        + (
+            f"  MLflow login on: {server.login} (0600) holds the admin's "
+            f"MLFLOW_TRACKING_USERNAME/PASSWORD; `. {server.login}` before tunelab train/runs"
+            if server.login
+            else "  MLflow login off: anyone who reaches the port may read and write runs "
+            "(--auth turns MLflow's login on)"
+        ),
         flush=True,
     )
+    if server.database.migrated:
+        print(
+            f"tunelab server: {server.database.pgdata} trusted every local connection; it now "
+            f"needs a password (in {server.database.passfile}), and MLflow's database belongs "
+            f"to the role {MLFLOW_ROLE!r}",
+            flush=True,
+        )
     why = None
     try:
         while why is None:
@@ -353,7 +650,7 @@ def serve(state_dir: str | Path = DEFAULT_DIR, port: int | None = None, workers:
 
 
 def main(args: list[str]) -> None:
-    """`tunelab server [--dir DIR] [--port N] [--workers N]`."""
+    """`tunelab server [--dir DIR] [--port N] [--workers N] [--auth | --no-auth]`."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -368,15 +665,73 @@ def main(args: list[str]) -> None:
     port_help = "the server's port (default: the one DIR used last, else a free one)"
     parser.add_argument("--port", type=int, default=None, help=port_help)
     parser.add_argument("--workers", type=int, default=2, help="MLflow server workers (default 2)")
+    parser.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"MLflow's login (basic-auth app): credentials generated into "
+        f"DIR/{SECRETS}/{LOGIN_FILE}; clients set MLFLOW_TRACKING_USERNAME/PASSWORD from it. "
+        "Kept for the next starts of DIR; --no-auth turns it off",
+    )
     opts = parser.parse_args(args)
     if opts.port is not None and not 1 <= opts.port <= 65535:
         parser.error(f"argument --port: {opts.port} is not a port (1 to 65535)")
     if opts.workers < 1:
         parser.error(f"argument --workers: {opts.workers} must be at least 1")
-    raise SystemExit(serve(opts.dir, opts.port, opts.workers))
+    raise SystemExit(serve(opts.dir, opts.port, opts.workers, opts.auth))
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _sql(template: str, *parts: Any) -> Any:
+    from psycopg import sql
+
+    return sql.SQL(template).format(*parts)
+
+
+def _id(name: str) -> Any:
+    from psycopg import sql
+
+    return sql.Identifier(name)
+
+
+def _literal(value: str) -> Any:
+    from psycopg import sql
+
+    return sql.Literal(value)
+
+
+def _verifier(conn: Any, role: str, password: str) -> str:
+    """`password` as the SCRAM verifier PostgreSQL stores: what ALTER ROLE is sent, so the
+    password itself never reaches the server, nor its log."""
+    method = b"scram-sha-256"
+    return bytes(conn.pgconn.encrypt_password(password.encode(), role.encode(), method)).decode()
+
+
+def _hand_over(conn: Any, role: str) -> None:
+    """Everything in this database that its former owner created (MLflow's tables, their
+    sequences and types) to `role`, its new owner: MLflow's schema migrations alter them."""
+    system = ("n.nspname NOT IN ('pg_catalog', 'information_schema') "
+              "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")  # fmt: skip
+    owner = "(SELECT oid FROM pg_roles WHERE rolname = %s)"
+    queries = [
+        ("TABLE", f"SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON "
+                  f"n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND "
+                  f"{system} AND c.relowner <> {owner}"),
+        # Sequences a table owns (serial columns) went with it; the others now.
+        ("SEQUENCE", f"SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON "
+                     f"n.oid = c.relnamespace WHERE c.relkind = 'S' AND {system} AND "
+                     f"c.relowner <> {owner}"),
+        ("TYPE", f"SELECT n.nspname, t.typname FROM pg_type t JOIN pg_namespace n ON "
+                 f"n.oid = t.typnamespace WHERE t.typtype IN ('e', 'd', 'r') AND {system} "
+                 f"AND t.typowner <> {owner}"),
+    ]  # fmt: skip
+    for kind, query in queries:
+        for schema, name in conn.execute(query, (role,)).fetchall():
+            conn.execute(
+                _sql(f"ALTER {kind} {{}}.{{}} OWNER TO {{}}", _id(schema), _id(name), _id(role))
+            )
 
 
 def _require_driver() -> None:
@@ -435,12 +790,22 @@ def _choose_port(asked: int | None, last: int | None) -> int:
     return last if last and port_is_free(last) else free_port()
 
 
-def _start_mlflow(state: Path, db_uri: str, port: int, workers: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db_uri,
+def _start_mlflow(
+    state: Path, database: Database, port: int, workers: int, login_env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """`mlflow server` on `database`: the store's URI in its environment and the role's
+    password in the pgpass file libpq reads (PGPASSFILE), so neither is on a command line that
+    `ps` shows; with `login_env`, MLflow's basic-auth app."""
+    cmd = [sys.executable, "-m", "mlflow", "server",
            "--artifacts-destination", str(state / "artifacts"), "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]  # fmt: skip
-    env = {**os.environ}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    if login_env:
+        cmd += ["--app-name", "basic-auth"]
+    env = {**os.environ, **login_env}
+    env["MLFLOW_BACKEND_STORE_URI"] = database.uri
+    env["PGPASSFILE"] = str(database.passfile)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME"):
+        env.pop(name, None)
     with open(state / "mlflow.log", "ab") as log:
         # A session of its own: stopping it stops uvicorn and its workers too.
         return subprocess.Popen(
