@@ -55,15 +55,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     query = urllib.request.Request(
         base + "/api/2.0/mlflow/experiments/search",
         data=b'{"max_results": 1}',
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **_credentials()},
     )
     for request, wait in ((base + "/health", timeout), (query, 3 * timeout)):
         try:
             with urllib.request.urlopen(request, timeout=wait):
                 pass
         except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403) and request is query:  # MLflow's login (--auth)
+                given = "" if _credentials() else "; none were given"
+                raise TrackingUnavailable(
+                    f"tracking server {uri} refused the login (HTTP {exc.code}{given}): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`tunelab server "
+                    "--auth` names the file that holds them)"
+                ) from None
             if exc.code < 500:
-                return  # it answered (an auth proxy, a path it does not serve): it is up
+                return  # it answered (a path it does not serve): it is up
             raise TrackingUnavailable(
                 f"tracking server {uri} answers, but its backend store does not "
                 f"(HTTP {exc.code}: {_error_message(exc)})"
@@ -73,6 +80,40 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingUnavailable(
                 f"tracking server {uri} cannot be reached ({reason})"
             ) from None
+
+
+def _credentials() -> dict[str, str]:
+    """The Authorization header MLflow's client sends, from the same environment variables:
+    MLFLOW_TRACKING_USERNAME/PASSWORD (basic), else MLFLOW_TRACKING_TOKEN (bearer)."""
+    import base64
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        pair = base64.standard_b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def refused(uri: str, what: str, exc: BaseException) -> TrackingUnavailable:
+    """The one line for a store that answered the reachability check but would not `what`
+    (create the experiment, create the run): a server whose database cannot write (a full
+    disk: HTTP 503 after MLflow's retries), a refusal it answered, a local store's error."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    retried = re.search(r"Caused by ResponseError\('(.+?)'\)", text)
+    code = str(getattr(exc, "error_code", ""))
+    failing = bool(retried) or code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    reason = retried.group(1) if retried else text[:300]
+    if not is_server(uri):
+        return TrackingUnavailable(f"tracking store {uri} could not {what} ({reason})")
+    if failing:
+        return TrackingUnavailable(
+            f"tracking server {uri} answers, but could not {what} ({reason}): its backend "
+            "store fails to write (a full disk?); see the server's log (`make server`: "
+            ".tunelab-server/mlflow.log)"
+        )
+    return TrackingUnavailable(f"tracking server {uri} refused to {what} ({reason})")
 
 
 def _error_message(exc: Any) -> str:

@@ -157,17 +157,26 @@ class MlflowTracker:
         self._uploader: Any = None
         self._system: Any = None
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = store.experiment_id(self.client, experiment, store.artifact_root(uri))
-        run = _unfinished_run(self.client, previous_run_id, self.experiment_id, reopen_finished)
-        if run is None and previous_run_id is None:
-            run = _orphan(self.client, self.experiment_id, tags)
-        self.continued = run is not None
-        if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        else:
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            resumes = int(run.data.tags.get("tunelab.resumes", "0")) + 1
-            self.client.set_tag(run.info.run_id, "tunelab.resumes", str(resumes))
+        # A store that answered the reachability check may still fail to write (a server's
+        # full disk: 503s): one line, store.TrackingUnavailable, before anything is trained.
+        doing = f"create the experiment {experiment!r}"
+        try:
+            root = store.artifact_root(uri)
+            self.experiment_id = store.experiment_id(self.client, experiment, root)
+            doing = "create the run"
+            run = _unfinished_run(self.client, previous_run_id, self.experiment_id, reopen_finished)
+            if run is None and previous_run_id is None:
+                run = _orphan(self.client, self.experiment_id, tags)
+            self.continued = run is not None
+            if run is None:
+                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            else:
+                doing = f"continue the run {run.info.run_id}"
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                resumes = int(run.data.tags.get("tunelab.resumes", "0")) + 1
+                self.client.set_tag(run.info.run_id, "tunelab.resumes", str(resumes))
+        except _lost_errors() as exc:
+            raise store.refused(uri, doing, exc) from None
         self.run_id: str | None = run.info.run_id
         if self.continued:  # a new process: who runs it now, and from where it resumed
             self.set_tags({k: v for k, v in tags.items() if k.startswith(_PER_PROCESS_TAGS)})
@@ -435,6 +444,7 @@ def start(
         os.environ.setdefault(variable, value)
     try:
         store.check_reachable(uri)
+        tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name, tags, previous_run_id)
     except store.TrackingUnavailable as exc:
         if cfg.tracking.required:
             raise
@@ -444,7 +454,6 @@ def start(
             exc,
         )
         return NullTracker()
-    tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name, tags, previous_run_id)
     repair_stale(tracker.client, tracker.experiment_id, keep=tracker.run_id)
     if cfg.tracking.system_metrics:
         tracker.start_system_metrics()
