@@ -208,8 +208,38 @@ def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
         problems = artifacts.verify_manifest(local)
         if problems:
             raise RuntimeError(f"{source}: the download does not match its manifest: {problems[0]}")
+        _unshare(local)
         os.replace(local, dst)
     return dst
+
+
+def _unshare(folder: Path) -> None:
+    """Every file of a download its own: one that shares its inode with another file (a hard
+    link into the store, whose files are the run's own `model/`: _link_into) is replaced by a
+    copy, so editing the download never edits the run. A copy-on-write clone where the
+    filesystem makes one (btrfs, XFS), else a plain copy."""
+    import shutil
+
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        if file.stat().st_nlink == 1:
+            continue
+        copy = file.with_name(f".{file.name}.copy")
+        with open(file, "rb") as src, open(copy, "wb") as dst:
+            if not _clone(src.fileno(), dst.fileno()):
+                shutil.copyfileobj(src, dst, 1 << 20)
+        shutil.copystat(file, copy)
+        os.replace(copy, file)
+
+
+def _clone(src: int, dst: int) -> bool:
+    """A copy-on-write clone of `src` into `dst` (Linux FICLONE); False where not supported."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst, 0x40049409, src)  # FICLONE
+    except OSError:
+        return False
+    return True
 
 
 def fetch_model(name_or_path: str | None, uri: str | None, cache: Path) -> str | None:
