@@ -610,14 +610,18 @@ def _long_row_file(path: Path, kind: str, mb: int = 50) -> Path:
     vocabulary = ["alpha", "beta", "gamma", "delta", "the", "quick", "fox", "lazy", "dog"]
     short = [list(itertools.islice(itertools.cycle(vocabulary), i, i + 30)) for i in range(40)]
     with open(path, "w") as f:
-        if kind in ("text", "messages"):
+        if kind in ("text", "messages", "labelled"):
             n = mb * 1_000_000 // 5
             text = " ".join(itertools.islice(itertools.cycle(vocabulary), n))
             rows: list = [text, *(" ".join(w) for w in short)]
             if kind == "messages":  # the long text is an assistant's turn
                 rows = [[{"role": "user", "content": "go"}, {"role": "assistant", "content": t}]
                         for t in rows]  # fmt: skip
-            f.writelines(json.dumps({kind: row}) + "\n" for row in rows)
+            if kind == "labelled":  # a classifier's row
+                f.writelines(json.dumps({"text": row, "label": "ab"[i % 2]}) + "\n"
+                             for i, row in enumerate(rows))  # fmt: skip
+            else:
+                f.writelines(json.dumps({kind: row}) + "\n" for row in rows)
         else:
             n = mb * 1_000_000 // 13
             words = list(itertools.islice(itertools.cycle(vocabulary), n))
@@ -630,8 +634,9 @@ def _long_row_file(path: Path, kind: str, mb: int = 50) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "task"),
-    [("text", "causal_lm"), ("messages", "causal_lm"), ("words", "token_classification")],
-)
+    [("text", "causal_lm"), ("messages", "causal_lm"), ("words", "token_classification"),
+     ("labelled", "sequence_classification")],
+)  # fmt: skip
 def test_one_50_mb_row_trains_in_bounded_memory(tmp_path, kind, task):
     """A 50 MB text row peaked at ~18 GB (its tokens, offsets and alignments in the tokenizer,
     whole, while training the tokenizer and while encoding), a 20 MB assistant's turn at 9 GB,

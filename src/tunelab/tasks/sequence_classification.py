@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from tunelab.data import DataError
+from tunelab.data import DataError, pieces
 from tunelab.tasks import Prepared, count_cut, head_loss
 
 AUTO_CLASS = "AutoModelForSequenceClassification"
@@ -148,7 +148,10 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
                 )
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-            enc = tokenizer(batch["text"], truncation=False)
+            # One token past max_length tells a row that is cut; its first max_length ids are
+            # those of the whole row (the end token is cut with it, as before).
+            texts = [_head(tokenizer, t, cfg.max_length) for t in batch["text"]]
+            enc = tokenizer(texts, truncation=True, max_length=cfg.max_length + 1)
             enc["too_long"] = [len(x) > cfg.max_length for x in enc["input_ids"]]
             for key in ("input_ids", "attention_mask", "token_type_ids"):
                 if key in enc:
@@ -160,6 +163,21 @@ def prepare(rows: Any, tokenizer: Any, cfg: Any) -> Prepared:
         truncated += count_cut(encoded, split_name, cfg)
         splits.append(encoded.remove_columns("too_long"))
     return Prepared(splits[0], splits[1], truncated)
+
+
+def _head(tokenizer: Any, text: str, limit: int) -> str:
+    """The start of `text` that holds more than `limit` tokens (cut where data.pieces cuts, so
+    it tokenizes as the whole text begins), or all of it: a tokenizer holds ~100 bytes per
+    character it is given, so a 50 MB row is never given whole."""
+    if len(text) <= 2 * pieces.PIECE:
+        return text
+    end = count = 0
+    for piece in pieces.pieces(text):
+        end += len(piece)
+        count += len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if count > limit:
+            return text[:end]
+    return text
 
 
 def collator(tokenizer: Any) -> Any:
