@@ -607,7 +607,7 @@ def serve(
             f"  MLflow login on: {server.login} (0600) holds the admin's "
             f"MLFLOW_TRACKING_USERNAME/PASSWORD; `. {server.login}` before tunelab train/runs"
             if server.login
-            else "  MLflow login off: anyone who reaches the port may read and write runs "
+            else "  MLflow login off: any local user can read and write runs through the port "
             "(--auth turns MLflow's login on)"
         ),
         flush=True,
@@ -671,7 +671,7 @@ def main(args: list[str]) -> None:
         default=None,
         help=f"MLflow's login (basic-auth app): credentials generated into "
         f"DIR/{SECRETS}/{LOGIN_FILE}; clients set MLFLOW_TRACKING_USERNAME/PASSWORD from it. "
-        "Kept for the next starts of DIR; --no-auth turns it off",
+        "A DIR started with --auth keeps it on later starts; --no-auth: this start without",
     )
     opts = parser.parse_args(args)
     if opts.port is not None and not 1 <= opts.port <= 65535:
