@@ -112,8 +112,10 @@ def test_with_auth_an_anonymous_client_is_refused_and_the_generated_login_works(
             assert password.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
     finally:
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=120) == 0
-        subprocess.run(["rm", "-rf", str(state.parent)], check=False)
+        try:
+            assert server.wait(timeout=120) == 0
+        finally:
+            subprocess.run(["rm", "-rf", str(state.parent)], check=False)
 
 
 def _processes_of(state: Path) -> list[int]:
