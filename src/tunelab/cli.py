@@ -151,6 +151,7 @@ def train_job(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     from tunelab import config, distributed, runner, sweeps
+    from tunelab.tracking import TrackingUnavailable
 
     distributed.from_slurm_tasks()
     distributed.quiet_replicas()
@@ -175,7 +176,9 @@ def train_job(cfg: DictConfig) -> float | None:
             if known is None:
                 raise  # a bug, or an error from training itself: its traceback is what to read
             code, lines = known
-            if code == 2:  # bad config or data (on every rank alike): leave nothing behind
+            # Bad config or data (on every rank alike), or a store that refused the run before
+            # it started: leave nothing behind.
+            if code == 2 or isinstance(exc, TrackingUnavailable):
                 _remove_if_untouched(run_dir)
             if distributed.is_main() or not isinstance(exc, config.ConfigError):
                 for line in lines:  # every rank meets the same config and data errors
