@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import TINY, env, files_cfg, new_workspace, run_cli
-from tunelab import artifacts, config, data
+from tunelab import config, data, manifests
 from tunelab.tasks import causal_lm
 
 # (arguments after `tunelab train`, lines the error must hold)
@@ -188,7 +188,7 @@ def test_configs_and_code_in_a_model_directory_are_data_never_run(trained, tmp_p
     assert not marker.exists()
     assert result.returncode == 0, result.stderr[-3000:]  # gpt2 is built in: auto_map is ignored
     (trained_dir,) = ws.run_dirs()
-    assert artifacts.read_manifest(trained_dir / "model")["base_model"] == str(source)
+    assert manifests.read_manifest(trained_dir / "model")["base_model"] == str(source)
 
 
 OVERRIDE_CHARS = "abcdeghiklmnoprstuvxy._=+~,:[](){}$'\" 0123456789-/*@"

@@ -21,7 +21,7 @@ from tests.conftest import (
     tiny,
     wait_for,
 )
-from tunelab import artifacts, checkpoints, snapshots
+from tunelab import artifacts, checkpoints, files, manifests, snapshots
 
 # 60 steps, a checkpoint every 4, the newest 2 kept (plus the best by eval_loss).
 LONGER = ["training.max_steps=60", "checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
@@ -48,9 +48,9 @@ def writing_a_checkpoint(ws: Workspace) -> bool:
 
 def assert_clean_finish(ws: Workspace, keep: int = 2) -> dict:
     run_dir = run_dir_of(ws)
-    manifest = artifacts.read_manifest(run_dir / "model")
+    manifest = manifests.read_manifest(run_dir / "model")
     assert manifest["step"] == 60
-    assert artifacts.verify_manifest(run_dir / "model") == []
+    assert manifests.verify_manifest(run_dir / "model") == []
     root = run_dir / "checkpoints"
     names = [p.name for p in root.iterdir() if not p.name.startswith(".corrupt")]
     assert all((root / n / "manifest.json").is_file() for n in names), names  # none incomplete
@@ -82,7 +82,7 @@ def test_kill_9_at_any_moment_then_rerun_finishes_as_one_run(workspace):
         resumed_from.append(max(steps))
         # Every complete checkpoint left behind verifies against its manifest.
         for step in steps:
-            assert artifacts.verify_manifest(workspace.checkpoints() / f"checkpoint-{step}") == []
+            assert manifests.verify_manifest(workspace.checkpoints() / f"checkpoint-{step}") == []
 
     # The same command, once more (in this process), resumes and finishes.
     result = workspace.train(*LONGER)
@@ -142,7 +142,7 @@ def test_sigterm_checkpoints_marks_killed_and_the_same_command_resumes(workspace
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["tunelab.resumed_from"].endswith(f"checkpoint-{stopped_at}")
     assert "tunelab.error" not in again.data.tags  # the first attempt's no longer describes it
-    assert artifacts.read_manifest(run_dir_of(workspace) / "model")["step"] == 60
+    assert manifests.read_manifest(run_dir_of(workspace) / "model")["step"] == 60
 
 
 def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
@@ -167,7 +167,7 @@ def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
     assert f"resuming from {root / 'checkpoint-4'}" in log
     corrupt = sorted(p.name.rsplit("-", 1)[0] for p in (root / ".corrupt").iterdir())
     assert corrupt == ["checkpoint-12", "checkpoint-8"]
-    assert artifacts.read_manifest(run_dir / "model")["step"] == 12
+    assert manifests.read_manifest(run_dir / "model")["step"] == 12
 
 
 @pytest.mark.slow
@@ -185,8 +185,8 @@ def test_keep_best_survives_rotation_across_a_resume(workspace):
     workspace.train(*best)
     assert committed_steps(workspace.checkpoints()) == [4, 60]
     root = workspace.checkpoints()
-    first = artifacts.read_manifest(root / "checkpoint-4")["metrics"]["eval_loss"]
-    last = artifacts.read_manifest(root / "checkpoint-60")["metrics"]["eval_loss"]
+    first = manifests.read_manifest(root / "checkpoint-4")["metrics"]["eval_loss"]
+    last = manifests.read_manifest(root / "checkpoint-60")["metrics"]["eval_loss"]
     assert first > last
 
 
@@ -277,7 +277,7 @@ def test_resume_from_a_checkpoint_path(workspace):
     ckpt = first / "checkpoints" / "checkpoint-8"
     workspace.train("checkpoint=none", "training.max_steps=12", f"resume={ckpt}")
     second = [d for d in workspace.run_dirs() if d != first][0]
-    manifest = artifacts.read_manifest(second / "model")
+    manifest = manifests.read_manifest(second / "model")
     assert manifest["step"] == 12 and manifest["resumed_from"] == str(ckpt)
     client, _ = runs_of(workspace)
     run = client.get_run(manifest["mlflow_run_id"])
@@ -321,7 +321,7 @@ def test_background_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypat
     assert not list(background.glob(".*")), "no .partial directory left behind"
     for step in (4, 8, 12):
         a, b = sync / f"checkpoint-{step}", background / f"checkpoint-{step}"
-        assert artifacts.verify_manifest(b) == []
+        assert manifests.verify_manifest(b) == []
         renamed = {"optimizer.pt": "optimizer.safetensors", "scheduler.pt": "scheduler.json"}
         assert sorted(renamed.get(p.name, p.name) for p in a.iterdir()) == sorted(
             p.name for p in b.iterdir()
@@ -345,8 +345,8 @@ def test_background_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypat
         assert json.loads((b / "trainer_state.json").read_text())["global_step"] == step
         for name in ("config.json", "generation_config.json", "tokenizer.json"):
             assert json.loads((a / name).read_text()) == json.loads((b / name).read_text())
-        assert artifacts.read_manifest(b)["metrics"]["eval_loss"] == pytest.approx(
-            artifacts.read_manifest(a)["metrics"]["eval_loss"], rel=1e-6
+        assert manifests.read_manifest(b)["metrics"]["eval_loss"] == pytest.approx(
+            manifests.read_manifest(a)["metrics"]["eval_loss"], rel=1e-6
         )
 
 
@@ -398,7 +398,7 @@ def test_a_staged_file_is_plain_safetensors_and_its_checksum_matches(tmp_path, h
         sizes.append(staged.data_start)
         path = tmp_path / f"f{round_}.safetensors"
         digest = staged.write(path)
-        assert digest == artifacts.file_digest(path, "xxh3_128")
+        assert digest == files.file_digest(path, "xxh3_128")
         with safe_open(path, framework="pt") as f:
             assert f.metadata() == meta
             assert sorted(f.keys()) == sorted(tensors)
@@ -420,7 +420,7 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_cleanly(workspace, small_
     kept = checkpoints.committed(root)
     # The data cache (under output.root) shares the 1 MiB disk: one or two checkpoints fit.
     assert 1 <= len(kept) <= 2
-    assert all(artifacts.verify_manifest(p) == [] for p in kept)
+    assert all(manifests.verify_manifest(p) == [] for p in kept)
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # partial removed
     assert not (run_dir / "model").exists()
     _, (run,) = runs_of(workspace)
@@ -437,15 +437,15 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_model(worksp
     command = ["checkpoint=steps", "checkpoint.every=4"]
     workspace.train(*command)
     model = run_dir_of(workspace) / "model"
-    digest = artifacts.sha256_file(model / "model.safetensors")
+    digest = files.sha256_file(model / "model.safetensors")
     shutil.rmtree(model)  # as if killed right after checkpoint-8 was committed
 
     proc = workspace.popen(*command)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out
     assert f"resuming from {workspace.checkpoints() / 'checkpoint-8'}" in out
-    assert artifacts.read_manifest(model)["step"] == 8
+    assert manifests.read_manifest(model)["step"] == 8
     assert committed_steps(workspace.checkpoints()) == [4, 8]
-    assert artifacts.sha256_file(model / "model.safetensors") == digest
+    assert files.sha256_file(model / "model.safetensors") == digest
     for noise in ("missing keys", "loss_type", "Writing model shards", "Traceback"):
         assert noise not in out, out

@@ -24,7 +24,7 @@ from tests.conftest import (
     tiny,
     wait_for,
 )
-from tunelab import artifacts
+from tunelab import manifests
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +113,8 @@ def straight(tmp_path_factory, empty_store) -> tuple[Workspace, str]:
 def test_two_processes_make_one_run_one_directory_one_artifact(straight):
     ws, out = straight
     run_dir = the_run_dir(ws)
-    assert artifacts.verify_manifest(run_dir / "model") == []
-    assert artifacts.read_manifest(run_dir / "model")["step"] == 30
+    assert manifests.verify_manifest(run_dir / "model") == []
+    assert manifests.read_manifest(run_dir / "model")["step"] == 30
     # Only rank 0 speaks: one summary, no second rank's "not uploaded".
     assert out.count("tunelab: run finished") == 1, out[-3000:]
     assert "not uploaded" not in out and "Traceback" not in out
@@ -125,11 +125,11 @@ def test_two_processes_make_one_run_one_directory_one_artifact(straight):
     batch = int(params["training.batch_size"])
     assert params["parallel.global_batch_size"] == str(2 * batch)
     assert params["parallel.backend"] == "gloo"
-    assert artifacts.read_manifest(run_dir / "model")["mlflow_run_id"] == run.info.run_id
+    assert manifests.read_manifest(run_dir / "model")["mlflow_run_id"] == run.info.run_id
     # Every rank's RNG state is in each (asynchronously written) checkpoint, under its manifest.
     for step in committed_steps(run_dir / "checkpoints"):
         checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
-        assert artifacts.verify_manifest(checkpoint) == []
+        assert manifests.verify_manifest(checkpoint) == []
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
 
 
@@ -202,7 +202,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_with_a_warning(straight, t
     result = ws.train(*COMMAND, f"resume={checkpoint}")
     said = result.stdout + result.stderr
     assert "was written by 2 process(es) and is resumed by 1" in said, said[-3000:]
-    manifest = artifacts.read_manifest(the_run_dir(ws) / "model")
+    manifest = manifests.read_manifest(the_run_dir(ws) / "model")
     assert manifest["step"] == 30 and manifest["resumed_from"] == str(checkpoint)
 
 
@@ -399,5 +399,5 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_once_by_rank_0(tmp_path, empty
     assert "Traceback" not in out and "cannot write" not in out, out[-3000:]
     (aside,) = (run_dir / "checkpoints" / ".corrupt").iterdir()
     assert aside.name.startswith("checkpoint-30")
-    manifest = artifacts.read_manifest(run_dir / "model")
+    manifest = manifests.read_manifest(run_dir / "model")
     assert manifest["step"] == 30 and manifest["resumed_from"].endswith("checkpoint-25")

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import TINY, Workspace, run_cli
-from tunelab import artifacts, config, runner
+from tunelab import config, files, runner
 
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('code ran')\n"
 
@@ -158,7 +158,7 @@ def test_a_run_from_a_tampered_store_is_refused_not_loaded(tracked, tmp_path):
         manifest = json.loads((location / "manifest.json").read_text())
         manifest["files"].pop("model.safetensors")
         manifest["files"]["pytorch_model.bin"] = {
-            "sha256": artifacts.sha256_file(location / "pytorch_model.bin"),
+            "sha256": files.sha256_file(location / "pytorch_model.bin"),
             "size": (location / "pytorch_model.bin").stat().st_size,
         }
         (location / "manifest.json").write_text(json.dumps(manifest))

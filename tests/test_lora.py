@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, committed_steps, env, tunelab, wait_for
-from tunelab import artifacts, checkpoints, config, runner, snapshots
+from tunelab import artifacts, checkpoints, config, files, manifests, runner, snapshots
 
 # TINY without the from-scratch architecture (model=hf has none), and a learning rate at which 8
 # steps move the adapter visibly.
@@ -69,13 +69,13 @@ def test_the_artifact_holds_the_merged_model_and_the_adapter(base, lora):
         "adapter/adapter_model.safetensors",
     ]
     assert not (model_dir / "adapter_config.json").exists()  # the root is a plain model
-    assert artifacts.verify_manifest(model_dir) == []  # adapter/ files listed and verified
-    peft = artifacts.read_manifest(model_dir)["peft"]
+    assert manifests.verify_manifest(model_dir) == []  # adapter/ files listed and verified
+    peft = manifests.read_manifest(model_dir)["peft"]
     assert peft["method"] == "lora" and peft["r"] == 8 and peft["alpha"] == 16
     assert peft["target_modules"] == ["c_attn"]  # peft's default for GPT-2
     assert peft["base_model"] == str(base.resolve())
     assert peft["base_weights_sha256"] == {
-        "model.safetensors": artifacts.sha256_file(base / "model.safetensors")
+        "model.safetensors": files.sha256_file(base / "model.safetensors")
     }
     adapter_config = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base.resolve())
@@ -132,7 +132,7 @@ def test_checkpoints_hold_only_the_adapter_and_its_optimizer_state(base, lora):
     from safetensors.torch import load_file
 
     result, _ = lora
-    trainable = artifacts.read_manifest(result.artifact_dir)["peft"]["trainable_parameters"]
+    trainable = manifests.read_manifest(result.artifact_dir)["peft"]["trainable_parameters"]
     full_weights = (base / "model.safetensors").stat().st_size
     root = result.run_dir / "checkpoints"
     assert [checkpoints.step_of(p) for p in checkpoints.committed(root)] == [8, 4]
@@ -144,7 +144,7 @@ def test_checkpoints_hold_only_the_adapter_and_its_optimizer_state(base, lora):
             "optimizer.safetensors",
         } <= names
         assert not names & {"model.safetensors", "config.json", "optimizer.pt"}, names
-        assert artifacts.verify_manifest(ckpt) == []
+        assert manifests.verify_manifest(ckpt) == []
         adapter = load_file(ckpt / "adapter_model.safetensors")
         assert all(".lora_A." in k or ".lora_B." in k for k in adapter)
         assert sum(t.numel() for t in adapter.values()) == trainable
@@ -166,7 +166,7 @@ def test_synchronous_checkpoints_hold_the_same_adapter(base, lora, tmp_path):
     sync = train(tmp_path, "sync", lora_overrides(base, "checkpoint.async_write=false"))
     ckpt = sync.run_dir / "checkpoints" / "checkpoint-8"
     assert not {"model.safetensors", "config.json"} & {p.name for p in ckpt.iterdir()}
-    assert artifacts.verify_manifest(ckpt) == []
+    assert manifests.verify_manifest(ckpt) == []
     a = load_file(ckpt / "adapter_model.safetensors")
     b = load_file(background / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -184,12 +184,12 @@ def test_mlflow_has_trainable_below_total_and_exports_the_adapter(lora, tmp_path
     run = MlflowClient(tracking_uri=uri).get_run(result.run_id)
     params = run.data.params
     total, trainable = int(params["model.parameters"]), int(params["model.trainable_parameters"])
-    assert trainable == artifacts.read_manifest(result.artifact_dir)["peft"]["trainable_parameters"]
+    assert trainable == manifests.read_manifest(result.artifact_dir)["peft"]["trainable_parameters"]
     assert 0 < trainable < total / 10
     assert params["peft.method"] == "lora" and params["peft.r"] == "8"
     exported = download_model(result.run_id, tmp_path / "export", uri)  # = tunelab export
     assert (exported / "adapter" / "adapter_model.safetensors").is_file()
-    assert artifacts.verify_manifest(exported) == []
+    assert manifests.verify_manifest(exported) == []
 
 
 def test_lora_on_a_model_built_from_config(tmp_path):
@@ -197,7 +197,7 @@ def test_lora_on_a_model_built_from_config(tmp_path):
     from transformers import AutoModelForCausalLM
 
     result = train(tmp_path, "run", [*TINY, "peft=lora", "checkpoint=none"])
-    peft = artifacts.read_manifest(result.artifact_dir)["peft"]
+    peft = manifests.read_manifest(result.artifact_dir)["peft"]
     assert peft["base_model"] is None and peft["base_weights_sha256"] is None
     assert (result.artifact_dir / "adapter" / "adapter_model.safetensors").is_file()
     AutoModelForCausalLM.from_pretrained(result.artifact_dir)
@@ -287,6 +287,6 @@ def test_resume_after_kill_9_ends_bit_exact(base, tmp_path):
     (straight_dir,) = (tmp_path / "a").glob("tunelab/*")
     assert straight_dir.name == run_dir.name
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
-        assert artifacts.sha256_file(run_dir / "model" / name) == artifacts.sha256_file(
+        assert files.sha256_file(run_dir / "model" / name) == files.sha256_file(
             straight_dir / "model" / name
         ), name

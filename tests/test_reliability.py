@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from tests.conftest import TINY, Workspace, env, files_cfg, tunelab, wait_for
-from tunelab import artifacts, checkpoints, cli, config, data, locks
+from tunelab import artifacts, checkpoints, cli, config, data, locks, manifests
 from tunelab.data.cache import cached_entries
 from tunelab.tasks import causal_lm
 
@@ -276,18 +276,18 @@ def test_export_refuses_files_the_manifest_does_not_list(finished, tmp_path, cap
     cli.main(["export", run_id, str(tmp_path / "clean"), "--uri", ws.uri])
     exported = {p.name for p in (tmp_path / "clean").iterdir()}
     assert "MLmodel" not in exported and "components" not in exported
-    assert artifacts.verify_manifest(tmp_path / "clean") == []
+    assert manifests.verify_manifest(tmp_path / "clean") == []
 
 
 def test_a_manifest_naming_files_outside_its_directory_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "w.safetensors").write_bytes(b"x")
-    artifacts.write_manifest(tmp_path / "a", {})
+    manifests.write_manifest(tmp_path / "a", {})
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     for name in ("../secret", "/etc/passwd", "sub/../../x"):
         manifest["files"] = {name: {"sha256": "0" * 64, "size": 1}}
         (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
-        (problem,) = artifacts.verify_manifest(tmp_path / "a")
+        (problem,) = manifests.verify_manifest(tmp_path / "a")
         assert "outside the directory" in problem, name
 
 
@@ -351,7 +351,7 @@ def test_parallel_jobs_fetch_a_model_uri_once_without_racing(finished, tmp_path)
     with ThreadPoolExecutor(3) as pool:
         found = list(pool.map(lambda _: models.fetch(source, ws.uri, tmp_path), range(3)))
     assert len(set(found)) == 1
-    assert artifacts.verify_manifest(Path(found[0])) == []
+    assert manifests.verify_manifest(Path(found[0])) == []
     assert [
         p.name for p in (tmp_path / ".cache" / "models").iterdir() if not p.name.startswith(".")
     ] == [Path(found[0]).name]
@@ -408,7 +408,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace
         first.kill()
     (run,) = store_runs(workspace)
     assert run.info.status == "FINISHED"
-    assert artifacts.verify_manifest(workspace.run_dirs()[0] / "model") == []
+    assert manifests.verify_manifest(workspace.run_dirs()[0] / "model") == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ def test_a_second_sigterm_still_lets_the_checkpoint_in_flight_commit(workspace, 
     after = committed(workspace)
     assert max(after) > max(before), (before, after, out)
     assert not [p for p in root.iterdir() if p.name.endswith(".partial")]
-    assert artifacts.verify_manifest(root / f"checkpoint-{max(after)}") == []
+    assert manifests.verify_manifest(root / f"checkpoint-{max(after)}") == []
     (run,) = store_runs(workspace)
     assert run.info.status == "KILLED"
 
@@ -555,7 +555,7 @@ def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, c
     (aside,) = root.glob(".set-aside-*")
     assert [p.name for p in aside.iterdir()] == ["checkpoint-16"]
     assert sorted(checkpoints.step_of(p) for p in checkpoints.committed(root)) == [4, 16]
-    assert artifacts.read_manifest(run_dir / "model")["resumed_from"] == str(root / "checkpoint-4")
+    assert manifests.read_manifest(run_dir / "model")["resumed_from"] == str(root / "checkpoint-4")
 
 
 @pytest.mark.slow
@@ -636,6 +636,6 @@ def test_a_full_disk_with_synchronous_checkpoints_stops_cleanly(small_disk, tmp_
         runner.run(cfg, small_disk / "run", overrides)
     root = small_disk / "run" / "checkpoints"
     kept = checkpoints.committed(root)
-    assert len(kept) == 2 and all(artifacts.verify_manifest(p) == [] for p in kept)
+    assert len(kept) == 2 and all(manifests.verify_manifest(p) == [] for p in kept)
     assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in kept)
     assert not (small_disk / "run" / "model").exists()

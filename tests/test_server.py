@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import committed_steps, env, run_cli, runs_of, tiny, tunelab, wait_for
-from tunelab import artifacts
+from tunelab import manifests
 from tunelab.tracking import server as team_server
 
 
@@ -121,7 +121,7 @@ def test_the_logged_model_downloads_through_the_server_and_loads_with_transforme
     local = Path(kid.data.tags["tunelab.run_dir"]) / "model"
     dst = tmp_path / "exported"
     run_cli("export", kid.info.run_id, str(dst), "--uri", team.url, cwd=tmp_path)
-    assert artifacts.verify_manifest(dst) == []
+    assert manifests.verify_manifest(dst) == []
     assert (dst / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
     # Plain transformers, no tunelab: the downloaded weights are the run's weights.
     got = AutoModelForCausalLM.from_pretrained(dst).state_dict()
@@ -213,14 +213,14 @@ def test_a_store_lost_mid_run_keeps_the_model_and_the_same_command_uploads_it(te
         assert "stopped answering during the run" in out and "not uploaded" in out, out[-3000:]
         assert "Traceback" not in out and elapsed < 120, elapsed
         (model,) = checkpoints.glob("*/model")
-        assert artifacts.verify_manifest(model) == []
+        assert manifests.verify_manifest(model) == []
     finally:
         team.database.start()
     again = run_cli(*args, cwd=tmp_path)
     assert "already finished" in again.stdout
     _, (run,) = runs_of(team.url, "lost-mid-run")
     assert run.info.status == "FINISHED"
-    assert artifacts.read_manifest(model)["mlflow_run_id"] == run.info.run_id
+    assert manifests.read_manifest(model)["mlflow_run_id"] == run.info.run_id
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import env, run_cli, runs_of, tiny
 from tests.test_server import _state_dir
-from tunelab import artifacts
+from tunelab import manifests
 from tunelab.tracking import server as team_server
 
 
@@ -200,7 +200,7 @@ def test_an_export_shares_no_file_with_the_run_or_the_store(workspace, tmp_path)
     workspace.train("checkpoint=none")
     (run_dir,) = workspace.run_dirs()
     model = run_dir / "model"
-    run_id = artifacts.read_manifest(model)["mlflow_run_id"]
+    run_id = manifests.read_manifest(model)["mlflow_run_id"]
     weights = model / "model.safetensors"
     # The store's copy of a local run is the run's own files, hard-linked (one copy on disk).
     (stored,) = [p for p in (workspace.root / "mlartifacts").rglob("model.safetensors")
@@ -219,4 +219,4 @@ def test_an_export_shares_no_file_with_the_run_or_the_store(workspace, tmp_path)
         f.write(b"\0" * 64)
     assert _sha256(exported) != before
     assert _sha256(weights) == before and _sha256(stored) == before
-    assert artifacts.verify_manifest(model) == []
+    assert manifests.verify_manifest(model) == []

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import run_cli as cli_run
-from tunelab import artifacts, checkpoints, cli, config, data, runner
+from tunelab import checkpoints, cli, config, data, manifests, runner
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "terrible", "horrible", "poor", "dreadful"]
@@ -98,7 +98,7 @@ def test_a_pretrained_encoder_learns_to_classify_with_label_names(classifier):
         ["the film was truly awful", "a wonderful story"]
     )
     assert [a["label"] for a in answers] == ["negative", "positive"]
-    manifest = artifacts.read_manifest(model_dir)
+    manifest = manifests.read_manifest(model_dir)
     assert manifest["task"] == "sequence_classification"
     assert manifest["labels"] == ["negative", "positive"]
     assert "generation_config.json" not in manifest["files"]
@@ -109,7 +109,7 @@ def test_the_best_checkpoint_by_f1_is_kept_and_the_logged_model_is_a_classifier(
     root = result.run_dir / "checkpoints"
     kept = checkpoints.committed(root)
     assert kept, "checkpoint=best wrote at least one checkpoint"
-    f1s = {checkpoints.step_of(p): artifacts.read_manifest(p)["metrics"]["eval_f1"] for p in kept}
+    f1s = {checkpoints.step_of(p): manifests.read_manifest(p)["metrics"]["eval_f1"] for p in kept}
     assert max(f1s.values()) >= 0.9
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'm.db'}")
     run = client.get_run(result.run_id)
@@ -145,7 +145,7 @@ def assert_the_adapter_holds_the_trained_head(model_dir: Path, base: str, auto_c
     saved = load_file(adapter / "adapter_model.safetensors")
     head = {k.removeprefix("base_model.model."): v for k, v in saved.items() if "lora_" not in k}
     assert sorted(head) == ["classifier.bias", "classifier.weight"]
-    peft = artifacts.read_manifest(model_dir)["peft"]
+    peft = manifests.read_manifest(model_dir)["peft"]
     assert peft["trainable_parameters"] == sum(t.numel() for t in saved.values())  # LoRA + head
 
     auto = getattr(transformers, auto_class)
@@ -211,7 +211,7 @@ def test_a_pretrained_encoder_learns_to_tag_entities(minilm, tmp_path, peft):
     )
     found = {(e["word"], e["entity_group"]) for e in tagger("carol flew to oslo")}
     assert found == {("carol", "PER"), ("oslo", "LOC")}
-    assert artifacts.read_manifest(result.artifact_dir)["labels"] == ["B-LOC", "B-PER", "O"]
+    assert manifests.read_manifest(result.artifact_dir)["labels"] == ["B-LOC", "B-PER", "O"]
 
 
 def test_numbers_with_fractions_make_a_regression(minilm, tmp_path):

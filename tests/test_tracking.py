@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import Workspace, free_port, new_workspace, run_cli, runs_of, tiny, tunelab
 from tests.test_train import EXPECTED_FILES, PROMPT, continuation
-from tunelab import artifacts
+from tunelab import artifacts, files, manifests
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:
@@ -73,9 +73,9 @@ def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp
     run_id = run["info"]["run_id"]
     dst = tmp_path / "exported"
     run_cli("export", run_id, str(dst), "--uri", url, cwd=tmp_path)
-    assert artifacts.verify_manifest(dst) == []
+    assert manifests.verify_manifest(dst) == []
     (local,) = ws.run_dirs("remote")
-    assert artifacts.sha256_file(dst / "model.safetensors") == artifacts.sha256_file(
+    assert files.sha256_file(dst / "model.safetensors") == files.sha256_file(
         local / "model" / "model.safetensors"
     )
     for name in EXPECTED_FILES:  # the files that reload with plain transformers, byte for byte
@@ -100,11 +100,11 @@ def test_a_second_run_finetunes_from_the_first_ones_mlflow_uri(remote_run, tmp_p
         f"model.name_or_path={source}", cwd=tmp_path,
     )  # fmt: skip
     (run_dir,) = ws.run_dirs("remote-ft")
-    manifest = artifacts.read_manifest(run_dir / "model")
+    manifest = manifests.read_manifest(run_dir / "model")
     assert manifest["base_model"] == source and manifest["step"] == 8
     cache = tmp_path / "outputs" / ".cache" / "models"
     cached = [p for p in cache.iterdir() if not p.name.startswith(".")]  # less the lock file
-    assert len(cached) == 1 and artifacts.verify_manifest(cached[0]) == []
+    assert len(cached) == 1 and manifests.verify_manifest(cached[0]) == []
 
 
 def test_unreachable_tracking_fails_fast_before_training(workspace):
@@ -128,7 +128,7 @@ def test_required_false_trains_offline_and_the_same_command_uploads_later(mlflow
     first = train_remote(workspace, dead, "tracking.required=false", "tracking.experiment=later")
     assert "not uploaded" in first.stdout
     (run_dir,) = workspace.run_dirs("later")
-    assert artifacts.verify_manifest(run_dir / "model") == []
+    assert manifests.verify_manifest(run_dir / "model") == []
     # The store is back: the same command (now reaching it) uploads the finished artifact.
     second = train_remote(workspace, url, "tracking.required=false", "tracking.experiment=later")
     assert "already finished" in second.stdout

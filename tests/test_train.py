@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY, env, invoke, new_workspace, runs_of, served_model
-from tunelab import artifacts
+from tunelab import artifacts, manifests
 from tunelab.tasks import causal_lm
 from tunelab.tracking.logged_model import MLFLOW_FILES
 
@@ -132,7 +132,7 @@ def test_run_writes_a_complete_artifact(trained):
     assert not list(run_dir.parent.glob(".*partial"))  # nothing half-written left beside it
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert set(manifest["files"]) == EXPECTED_FILES - {"manifest.json"}
-    assert artifacts.verify_manifest(model_dir) == []
+    assert manifests.verify_manifest(model_dir) == []
     assert manifest["step"] == 8
     assert manifest["metrics"]["eval_loss"] > 0 and "eval_exact_match" in manifest["metrics"]
     assert {"torch", "transformers", "mlflow", "tunelab"} <= set(manifest["versions"])
@@ -151,7 +151,7 @@ def test_the_artifact_holds_the_weights_its_metrics_were_measured_on(trained):
 
     _, run_dir, _ = trained
     model_dir = run_dir / "model"
-    manifest = artifacts.read_manifest(model_dir)
+    manifest = manifests.read_manifest(model_dir)
     resolved = yaml.safe_load((model_dir / "tunelab.yaml").read_text())
     d = resolved["data"]
     rows = data.addition(d["digits"], d["train_size"], d["eval_size"], d["seed"])
@@ -185,7 +185,7 @@ def test_manifest_detects_a_changed_file(trained, tmp_path):
     with open(copy / "model.safetensors", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
-    (problem,) = artifacts.verify_manifest(copy)
+    (problem,) = manifests.verify_manifest(copy)
     assert "model.safetensors" in problem and "do not match" in problem
 
 
@@ -235,7 +235,7 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch,
     dst.mkdir()
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=ws.uri))
     # MLflow keeps its own files beside the listed ones (`tunelab export` leaves them out).
-    assert artifacts.verify_manifest(local, ignore=MLFLOW_FILES) == []
+    assert manifests.verify_manifest(local, ignore=MLFLOW_FILES) == []
     for name in EXPECTED_FILES:  # the run directory's files, byte for byte
         assert (local / name).read_bytes() == (run_dir / "model" / name).read_bytes(), name
     # One copy of the weights in the store, and, the store being on the same filesystem, it is
@@ -381,7 +381,7 @@ def test_finetune_a_local_model_on_jsonl_files(trained, workspace):
     manifest = json.loads((run_dir / "model" / "manifest.json").read_text())
     assert manifest["base_model"] == str(first_run / "model")
     assert "eval_exact_match" in manifest["metrics"]
-    assert manifest["step"] == 8 and artifacts.verify_manifest(run_dir / "model") == []
+    assert manifest["step"] == 8 and manifests.verify_manifest(run_dir / "model") == []
     # Fine-tuned: the same architecture and tokenizer, other weights.
     first, tuned = first_run / "model", run_dir / "model"
     assert (tuned / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()

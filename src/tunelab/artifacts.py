@@ -7,30 +7,21 @@ It is written into a temporary sibling directory and renamed into place only whe
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import functools
-import hashlib
-import json
-import os
-import platform
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tunelab.adapters import is_peft
 from tunelab.constants import PICKLE_SUFFIXES
-from tunelab.model import is_peft
+from tunelab.files import read_json, replace_dir, write_json
+from tunelab.manifests import write_manifest
+from tunelab.provenance import weights_sha256
 
-MANIFEST = "manifest.json"
 ADAPTER_DIR = "adapter"  # a PEFT run's adapter, in model/adapter/ beside the merged model
 RUN_RECORD = "tunelab_run.json"  # in the run directory: config fingerprint and MLflow run id
 CONFIG = "tunelab.yaml"
-CHECKSUMS = ("sha256", "xxh3_128")
-_LIBRARIES = ("tunelab", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
-              "datasets", "hydra-core", "omegaconf", "mlflow")  # fmt: skip
 
 
 @dataclass
@@ -122,151 +113,11 @@ def save_adapter(model: Any, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def weights_sha256(model: str | None) -> dict[str, str] | None:
-    """{weights file: sha256} of the model directory (or hub id in the local cache) `model`;
-    None when its files are not on this machine (a model built from config)."""
-    directory = Path(model) if model and Path(model).is_dir() else _hub_cache_dir(model)
-    if directory is None:
-        return None
-    index = read_json(directory / "model.safetensors.index.json").get("weight_map") or {}
-    names = sorted(set(index.values())) if index else ["model.safetensors"]
-    found = {n: sha256_file(directory / n) for n in names if (directory / n).is_file()}
-    return found or None
-
-
-def base_digest(model: str | None) -> str | None:
-    """xxh3-128 over the weights files and config.json of the model directory (or hub id in the
-    local cache) `model`: what a resume compares to know the base is the one the run started
-    from. None for a model built from config. xxh3 rather than sha256: it reads at disk speed."""
-    directory = Path(model) if model and Path(model).is_dir() else _hub_cache_dir(model)
-    if directory is None:
-        return None
-    import xxhash
-
-    index = read_json(directory / "model.safetensors.index.json").get("weight_map") or {}
-    names = sorted(set(index.values())) if index else ["model.safetensors", "pytorch_model.bin"]
-    h = xxhash.xxh3_128()
-    for name in ["config.json", *names]:
-        if (directory / name).is_file():
-            h.update(f"{name}\0{file_digest(directory / name, 'xxh3_128')}\0".encode())
-    return h.hexdigest()
-
-
-def _hub_cache_dir(repo_id: str | None) -> Path | None:
-    if not repo_id:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # not a valid repo id
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
 def refuse_pickles(directory: Path) -> None:
     """Fail if any file in `directory` is a pickle format, so none can reach an artifact."""
     found = [p.name for p in Path(directory).rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if found:
         raise RuntimeError(f"refusing to publish pickle files in {directory}: {', '.join(found)}")
-
-
-def write_manifest(
-    directory: Path,
-    info: dict[str, Any],
-    checksum: str = "sha256",
-    known: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """The checksum (`sha256`, or the much cheaper `xxh3_128` for checkpoints) and size of every
-    file, plus `info` and the environment; written last, fsynced. `known`: checksums of files
-    written (and fsynced) from memory whose digest was taken there, by relative name."""
-    directory = Path(directory)
-    known = known or {}
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        name = path.relative_to(directory).as_posix()
-        if name not in known:
-            _fsync_file(path)
-        files[name] = {
-            checksum: known.get(name) or file_digest(path, checksum),
-            "size": path.stat().st_size,
-        }
-    manifest = {
-        "format": "tunelab.manifest/1",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **info,
-        "files": files,
-        "versions": versions(),
-        "git": git_state(),
-    }
-    write_json(directory / MANIFEST, manifest)
-    fsync_dir(directory)
-    return manifest
-
-
-def verify_manifest(directory: Path, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Problems with `directory` against its manifest (empty when every file matches, and no
-    file is there that the manifest does not list). `ignore`: top-level names others may add
-    beside the listed files (MLflow's own files in a store's copy)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return [f"{directory / MANIFEST}: missing or unreadable"]
-    problems = []
-    for name in files:
-        parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
-            problems.append(f"{directory / MANIFEST}: lists {name!r}, outside the directory")
-    if problems:
-        return problems
-    for path in sorted(directory.rglob("*")):
-        name = path.relative_to(directory).as_posix()
-        top = name.split("/", 1)[0]
-        if path.is_dir() or name == MANIFEST or name in files or top in ignore:
-            continue
-        problems.append(f"{path}: not listed in the manifest")
-    for name, want in files.items():
-        path = directory / name
-        want = want if isinstance(want, dict) else {}
-        checksum = next((c for c in CHECKSUMS if c in want), None)
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif checksum is None:
-            problems.append(f"{path}: no checksum in the manifest")
-        elif (
-            path.stat().st_size != want.get("size") or file_digest(path, checksum) != want[checksum]
-        ):
-            problems.append(f"{path}: contents do not match the manifest")
-    return problems
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object at `path`, or {} when it is missing or unreadable."""
-    try:
-        found = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    return read_json(Path(directory) / MANIFEST)
-
-
-def is_complete(directory: Path) -> bool:
-    """A directory whose manifest exists and whose files are all there at their recorded size
-    (cheap: no hashing; `verify_manifest` hashes)."""
-    files = read_manifest(directory).get("files")
-    if not files or not isinstance(files, dict):
-        return False
-    for name, want in files.items():
-        path = Path(directory) / name
-        if not isinstance(want, dict) or not path.is_file():
-            return False
-        if path.stat().st_size != want.get("size"):
-            return False
-    return True
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
@@ -275,77 +126,6 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
 
 def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_json(Path(run_dir) / RUN_RECORD, record)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` to `path` atomically (a temporary sibling, fsynced, renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
-def file_digest(path: Path, checksum: str) -> str:
-    """Hex digest of a file. `xxh3_128` is ~12x faster than sha256 here: checkpoints use it, so
-    hashing in the background does not take CPU from training (it guards against torn or rotted
-    files, not tampering); the published artifact keeps sha256."""
-    if checksum == "sha256":
-        h: Any = hashlib.sha256()
-    elif checksum == "xxh3_128":
-        import xxhash
-
-        h = xxhash.xxh3_128()
-    else:
-        raise ValueError(f"unknown checksum {checksum!r}; allowed: {', '.join(CHECKSUMS)}")
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a complete directory into place; an older `dst` is removed only after the move."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for lib in _LIBRARIES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[lib] = metadata.version(lib)
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def git_state(cwd: Path | None = None) -> dict[str, Any]:
-    """The commit and dirty flag of the checkout tunelab is run from, if it is one."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def model_card(info: ArtifactInfo) -> str:
@@ -410,16 +190,3 @@ model = PeftModel.from_pretrained(base, "path/to/this/dir/adapter")
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

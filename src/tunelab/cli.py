@@ -184,7 +184,8 @@ def train_job(cfg: DictConfig) -> float | None:
                 for line in lines:  # every rank meets the same config and data errors
                     print(line, file=sys.stderr)
             raise SystemExit(code) from None
-        why = known[1][0].removeprefix("tunelab: ") if known else f"{type(exc).__name__}: {exc}"
+        said = known[1] if known else []
+        why = said[0].removeprefix("tunelab: ") if said else f"{type(exc).__name__}: {exc}"
         why = (why.splitlines() or [type(exc).__name__])[0]
         print(f"tunelab: job {hc.job.num} ({name}) failed: {why}", file=sys.stderr)
         sweeps.record_failure(run_dir, name or run_dir.name, why)
@@ -207,21 +208,10 @@ def train_job(cfg: DictConfig) -> float | None:
 def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
     """The exit code and the lines that say why a job failed, for errors of a kind tunelab
     knows (one line each); None for anything else."""
-    from tunelab import config, distributed, errors, locks, snapshots, tracking
+    from tunelab import distributed, errors
 
-    if isinstance(exc, config.ConfigError):
-        return 2, [f"tunelab: config error: {p}" for p in exc.problems]
-    if isinstance(exc, errors.RankStopped):
-        return exc.exit_code, []  # rank 0 said why
-    if isinstance(exc, tracking.TrackingUnavailable):
-        return 1, [
-            f"tunelab: {exc}. Start it, point tracking.uri elsewhere, or set "
-            "tracking.required=false to train now and upload later."
-        ]
-    if isinstance(exc, snapshots.CheckpointWriteFailed):
-        return 1, [f"tunelab: {exc} Fix that and run the same command again to resume."]
-    if isinstance(exc, locks.Busy):
-        return 1, [f"tunelab: {exc}"]
+    if isinstance(exc, errors.TunelabError):
+        return exc.exit_code, exc.lines()
     if distributed.peer_lost(exc):
         return 1, [
             f"tunelab: rank {distributed.rank()}: another process of this run stopped (the "
@@ -232,8 +222,6 @@ def _known_failure(exc: Exception) -> tuple[int, list[str]] | None:
 
     if isinstance(exc, (OSError, SafetensorError)):  # the artifact on a full disk, say
         return 1, [f"tunelab: cannot write the run's files: {exc}"]
-    if isinstance(exc, errors.TunelabError):
-        return exc.exit_code, [f"tunelab: {exc}"]
     return None
 
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tunelab.errors import ConfigError, RankStopped, TunelabError, exit_code
+from tunelab.errors import ConfigError, RankStopped, TunelabError, exit_code, first_line
 
 log = logging.getLogger("tunelab")
 
@@ -109,7 +109,7 @@ def _wait_for(store: Any, keys: list[str]) -> None:
             if store.check(keys):
                 return
         except Exception as exc:  # noqa: BLE001 (torch's store errors carry no common type)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise TunelabError(
                 f"rank {rank()}: the launcher's store is gone ({first}): another process of "
                 "this run stopped; nothing was changed by this one"

@@ -13,11 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.constants import PICKLE_SUFFIXES
-from tunelab.errors import TunelabError
-
-
-class ModelRefused(TunelabError):
-    """A model directory generate/predict will not load, or input it cannot take."""
+from tunelab.errors import ModelRefused, first_line
 
 
 def checked(path: str | Path) -> Path:
@@ -78,7 +74,7 @@ def _loaded(load: Any, path: Path, **kwargs: Any) -> Any:
     try:
         return load(str(path), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ModelRefused(f"{path}: cannot load it: {first}") from None
 
 

@@ -10,9 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-class Busy(RuntimeError):
-    """Another live process holds the lock."""
+from tunelab.errors import Busy
 
 
 class Lock:

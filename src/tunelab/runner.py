@@ -14,13 +14,16 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import (
+    adapters,
     artifacts,
     checkpoints,
     config,
     data,
     distributed,
     locks,
+    manifests,
     metrics,
+    provenance,
     sweeps,
     tasks,
     testhooks,
@@ -121,8 +124,8 @@ def _run(
         stopper.raise_pending()
         _seed(cfg.seed)  # before the weights are initialised, so the seed decides them
         model = models.load_model(cfg.model, tokenizer, source, task, rows)
-        model = models.apply_peft(model, cfg.peft, cfg.model.task)  # peft=lora: an adapter
-        n_params, n_trainable = models.parameter_count(model)
+        model = adapters.apply_peft(model, cfg.peft, cfg.model.task)  # peft=lora: an adapter
+        n_params, n_trainable = adapters.parameter_count(model)
         base = cfg.model.name_or_path or f"{cfg.model.arch.model_type} from config"
         tracking.log_inputs(tracker, rows, base, n_params, n_trainable, prepared.train_tokens)
 
@@ -218,7 +221,7 @@ def _starting_point(
 
     def decide() -> str:
         record = _claim(run_dir, resolved)  # before anything else: never mix two configs' runs
-        finished = cfg.resume == "auto" and artifacts.is_complete(run_dir / "model")
+        finished = cfg.resume == "auto" and manifests.is_complete(run_dir / "model")
         resume_from = (
             None if finished else checkpoints.resume_point(cfg.resume, run_dir / "checkpoints")
         )
@@ -243,7 +246,7 @@ def _same_inputs(
     the base's weights, once)."""
 
     def compare() -> str:
-        now = {"data_digest": data_digest, "base_digest": artifacts.base_digest(source)}
+        now = {"data_digest": data_digest, "base_digest": provenance.base_digest(source)}
         what = {"data_digest": "the data", "base_digest": "the base model's weights"}
         changed = [k for k in now if resume_from and k in record and record[k] != now[k]]
         if changed:
@@ -283,7 +286,7 @@ def _already_finished(
     resolved: dict[str, Any],
     overrides: list[str],
 ) -> RunResult:
-    manifest = artifacts.read_manifest(run_dir / "model")
+    manifest = manifests.read_manifest(run_dir / "model")
     record = artifacts.read_run_record(run_dir)
     log.info("already finished: %s", run_dir / "model")
     if not distributed.is_main():  # rank 0 uploads and says so

@@ -18,7 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tunelab.model import is_peft
+from tunelab.adapters import is_peft
+from tunelab.errors import CheckpointWriteFailed
 
 OPTIMIZER = "optimizer.safetensors"  # tensors; param groups and plain values in its metadata
 ADAPTER = "adapter_model.safetensors"  # a PEFT model's checkpoint: the adapter, not the model
@@ -28,10 +29,6 @@ _CHUNK = 64 << 20
 _DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
            "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
            "bool": "BOOL"}  # fmt: skip
-
-
-class CheckpointWriteFailed(RuntimeError):
-    """A background checkpoint write failed (disk full, permissions); older ones are intact."""
 
 
 class BackgroundWriter:

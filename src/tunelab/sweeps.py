@@ -16,8 +16,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tunelab import artifacts, config
+from tunelab import config, files
 from tunelab import metrics as tunelab_metrics
+from tunelab.errors import first_line
 from tunelab.tracking import store
 
 log = logging.getLogger("tunelab")
@@ -72,7 +73,7 @@ def pin_sweep(overrides: list[str], resume: str) -> None:
 
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:
-    return artifacts.read_json(Path(sweep_dir) / SWEEP_RECORD).get("parent_run_id")
+    return files.read_json(Path(sweep_dir) / SWEEP_RECORD).get("parent_run_id")
 
 
 FAILURE = "tunelab_failed.json"  # in a job's directory: why the job failed, until it succeeds
@@ -83,7 +84,7 @@ _unrecorded: str | None = None  # why the last multirun's end could not be recor
 def record_failure(job_dir: Path, name: str, why: str) -> None:
     """Note beside the job why it failed: counted on the parent even when the job failed
     before its own MLflow run existed (bad data, a model that does not load)."""
-    artifacts.write_json(Path(job_dir) / FAILURE, {"name": name, "error": why})
+    files.write_json(Path(job_dir) / FAILURE, {"name": name, "error": why})
 
 
 def clear_failure(job_dir: Path) -> None:
@@ -91,7 +92,7 @@ def clear_failure(job_dir: Path) -> None:
 
 
 def failures(sweep_dir: Path) -> list[dict[str, str]]:
-    found = [artifacts.read_json(p) for p in sorted(Path(sweep_dir).glob(f"*/{FAILURE}"))]
+    found = [files.read_json(p) for p in sorted(Path(sweep_dir).glob(f"*/{FAILURE}"))]
     return [f for f in found if f]
 
 
@@ -139,7 +140,7 @@ def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) ->
     parent.describe(f"sweep over {' '.join(task_overrides)} ({jobs or '?'} jobs)")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record = {"parent_run_id": parent.run_id, "name": name, "overrides": task_overrides}
-    artifacts.write_json(sweep_dir / SWEEP_RECORD, record)
+    files.write_json(sweep_dir / SWEEP_RECORD, record)
     return parent.run_id
 
 
@@ -276,6 +277,6 @@ class SweepCallback(Callback):
         try:
             jobs = finish_parent(config, sweep_dir)
         except Exception as exc:  # noqa: BLE001 (Hydra would turn it into a warning, exit 0)
-            _unrecorded = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _unrecorded = first_line(exc)
             jobs = [_untracked(f) for f in failures(sweep_dir)]
         print(summary(jobs))

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab import artifacts, testhooks
+from tunelab import files, manifests, testhooks
+from tunelab.errors import ConfigError, IncompleteCheckpoint
 
 log = logging.getLogger("tunelab")
 
@@ -49,10 +50,6 @@ REQUIRED = (
 # A PEFT model's checkpoint (peft=lora) holds its adapter instead of the model: the base model
 # comes from the run's config, the adapter and its optimizer state from the checkpoint.
 ADAPTER_REQUIRED = (("adapter_config.json",), ("adapter_model.safetensors",), *REQUIRED[2:])
-
-
-class IncompleteCheckpoint(RuntimeError):
-    """A checkpoint directory that lacks files a resume needs: never committed."""
 
 
 def required_for(directory: Path) -> tuple[tuple[str, ...], ...]:
@@ -90,11 +87,11 @@ def commit(
             "are intact)"
         )
     info = {"kind": "checkpoint", "step": step, "epoch": epoch, "metrics": metrics}
-    artifacts.write_manifest(written or ckpt, info, checksum=CHECKSUM, known=known)
+    manifests.write_manifest(written or ckpt, info, checksum=CHECKSUM, known=known)
     if written is not None:
-        artifacts.replace_dir(written, ckpt)  # fsyncs checkpoints/
+        files.replace_dir(written, ckpt)  # fsyncs checkpoints/
     else:
-        artifacts.fsync_dir(ckpt.parent)  # the checkpoint's own entry in checkpoints/
+        files.fsync_dir(ckpt.parent)  # the checkpoint's own entry in checkpoints/
 
 
 def partial_dir(root: Path, step: int) -> Path:
@@ -102,7 +99,7 @@ def partial_dir(root: Path, step: int) -> Path:
 
 
 def manifest_of(ckpt: Path) -> dict[str, Any] | None:
-    return artifacts.read_manifest(ckpt) or None
+    return manifests.read_manifest(ckpt) or None
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -139,7 +136,7 @@ def latest_valid(root: Path) -> Path | None:
     """The newest checkpoint whose files match its manifest. Ones that fail verification are
     moved to `.corrupt/` with a warning, and an older one is tried."""
     for path in committed(root):
-        problems = artifacts.verify_manifest(path)
+        problems = manifests.verify_manifest(path)
         if not problems:
             return path
         target = root / CORRUPT / f"{path.name}-{int(time.time())}"
@@ -166,12 +163,10 @@ def resume_point(resume: str, root: Path) -> Path | None:
             log.info("resuming from %s", found)
         return found
     path = Path(resume).expanduser().resolve()
-    problems = artifacts.verify_manifest(path)
+    problems = manifests.verify_manifest(path)
     if problems:
-        from tunelab.config import ConfigError
-
         raise ConfigError([f"resume: {resume} is not a complete tunelab checkpoint: {problems[0]}"])
-    set_aside_later(root, int(artifacts.read_manifest(path).get("step", 0)))
+    set_aside_later(root, int(manifests.read_manifest(path).get("step", 0)))
     return path
 
 
@@ -186,7 +181,7 @@ def set_aside_later(root: Path, step: int) -> list[Path]:
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
-    artifacts.fsync_dir(root)
+    files.fsync_dir(root)
     log.warning(
         "resuming from step %d: set aside the %d later checkpoint(s) in %s",
         step,

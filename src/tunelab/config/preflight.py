@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.config.checks import resolved, validate
 from tunelab.config.compose import compose, composer
 from tunelab.config.naming import key_of
+from tunelab.errors import first_line
 
 _RUN_FLAGS = ("-m", "--multirun")
 _MAX_JOBS_CHECKED = 32  # a bigger grid is checked one swept value at a time
@@ -179,7 +180,7 @@ def _compose_checked(compose_one: Any, overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as exc:
         raise _Problem(_composition_problem(str(exc), overrides)) from None
     except Exception as exc:  # Hydra raises plain ValueErrors too (`checkpoint=0`)
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise _Problem(f"{' '.join(overrides)}: {first}") from None
 
 

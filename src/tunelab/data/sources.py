@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import ConfigError
+from tunelab.errors import DataError
 
 # Canonical column names: the loader renames data.text_column etc. to these.
 TEXT, PROMPT, COMPLETION, MESSAGES, LABEL = "text", "prompt", "completion", "messages", "label"
@@ -20,13 +20,6 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
            ".txt": "text", ".text": "text"}  # fmt: skip
 FORMAT_NAMES = ".jsonl, .json, .csv, .parquet or .txt"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class DataError(ConfigError):
-    """A data file that cannot be used; the message names the key, the file and the line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__([message])
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab import artifacts, metrics
+from tunelab import artifacts, files, manifests, metrics
+from tunelab.errors import ModelNotFound
 from tunelab.tracking import store
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def log_model(tracker: MlflowTracker, local_dir: Path, final: dict[str, Any], st
     from tunelab import tasks
     from tunelab.tracking.tracker import metric_key
 
-    task_name = str(artifacts.read_manifest(local_dir).get("task") or "causal_lm")
+    task_name = str(manifests.read_manifest(local_dir).get("task") or "causal_lm")
     task = tasks.get(task_name)
     client = tracker.client
     if tracker.continued:  # only an earlier process of this run can have left one
@@ -75,9 +76,9 @@ def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeli
     from mlflow.models import Model
 
     weights_and_ours = ("model.safetensors", "model-", "config.json", "generation_config.json",
-                        artifacts.CONFIG, artifacts.MANIFEST, "README.md")  # fmt: skip
-    arch = artifacts.read_json(local_dir / "config.json").get("architectures") or ["?"]
-    tok_class = artifacts.read_json(local_dir / "tokenizer_config.json").get("tokenizer_class")
+                        artifacts.CONFIG, manifests.MANIFEST, "README.md")  # fmt: skip
+    arch = files.read_json(local_dir / "config.json").get("architectures") or ["?"]
+    tok_class = files.read_json(local_dir / "tokenizer_config.json").get("tokenizer_class")
     with tempfile.TemporaryDirectory() as tmp:
         components = Path(tmp, "components", "tokenizer")
         components.mkdir(parents=True)
@@ -168,10 +169,6 @@ def _link_into(artifact_uri: str, source: Path) -> bool:
 MLFLOW_FILES = ("MLmodel", "components", "registered_model_meta")
 
 
-class ModelNotFound(RuntimeError):
-    """A run id, runs:/ or models:/ URI the store does not have (or cannot serve)."""
-
-
 def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
     """Download a run's model (a run id, runs:/ID/model or models:/...) into `dst`: the Hugging
     Face files only, verified against the manifest (no file it does not list), written beside
@@ -205,7 +202,7 @@ def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-        problems = artifacts.verify_manifest(local)
+        problems = manifests.verify_manifest(local)
         if problems:
             raise RuntimeError(f"{source}: the download does not match its manifest: {problems[0]}")
         _unshare(local)
@@ -253,12 +250,12 @@ def fetch_model(name_or_path: str | None, uri: str | None, cache: Path) -> str |
 
     key = hashlib.sha1(f"{store.resolve_uri(uri)} {name_or_path}".encode()).hexdigest()[:16]
     local = Path(cache) / key
-    if artifacts.is_complete(local):
+    if manifests.is_complete(local):
         return str(local)
     # Parallel jobs fetching the same model: one downloads (into a temporary name, renamed into
     # place), the others wait and then reuse the complete entry.
     with locks.waiting(Path(cache) / f".{key}.lock", f"model cache entry {local}"):
-        if not artifacts.is_complete(local):
+        if not manifests.is_complete(local):
             log.info("downloading %s to %s", name_or_path, local)
             if local.exists():  # an incomplete entry left by a killed download
                 import shutil

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab import artifacts, locks
+from tunelab import files, locks
+from tunelab.errors import ServerError, first_line
 
 DEFAULT_DIR = ".tunelab-server"
 PG_USER = "postgres"  # the cluster's superuser, and the OS user it runs as under root
@@ -64,10 +65,6 @@ SECRETS = "secrets"  # under the state directory: 0700, every file in it 0600
 PGPASS = "pgpass"
 LOGIN_FILE = "mlflow-login.env"  # with --auth: MLflow's admin login, for clients
 AUTH_ADMIN = "admin"
-
-
-class ServerError(RuntimeError):
-    """Why the server cannot start or stopped: one line, said as it is."""
 
 
 @dataclass
@@ -334,7 +331,7 @@ class Database:
                     with self.connect(DATABASE) as in_db:
                         _hand_over(in_db, MLFLOW_ROLE)
         except psycopg.Error as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ServerError(f"cannot prepare the {DATABASE!r} database: {first}") from None
 
     def connect(self, dbname: str, password: bool = True) -> Any:
@@ -903,8 +900,8 @@ def _last_error(log: Path, offset: int = 0) -> str | None:
 
 
 def _read_state(state: Path) -> dict[str, Any]:
-    return artifacts.read_json(state / "server.json")
+    return files.read_json(state / "server.json")
 
 
 def _write_state(state: Path, values: dict[str, Any]) -> None:
-    artifacts.write_json(state / "server.json", values)
+    files.write_json(state / "server.json", values)

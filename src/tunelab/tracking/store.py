@@ -11,12 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import TrackingUnavailable, first_line
+
 MODEL_URI_SCHEMES = ("runs:/", "models:/")
 LOCAL_UI = "http://127.0.0.1:5000"  # what `tunelab ui` serves a local store on
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking store cannot be reached; raised before anything is trained."""
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -100,7 +98,7 @@ def refused(uri: str, what: str, exc: BaseException) -> TrackingUnavailable:
     """The one line for a store that answered the reachability check but would not `what`
     (create the experiment, create the run): a server whose database cannot write (a full
     disk: HTTP 503 after MLflow's retries), a refusal it answered, a local store's error."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = first_line(exc)
     retried = re.search(r"Caused by ResponseError\('(.+?)'\)", text)
     code = str(getattr(exc, "error_code", ""))
     failing = bool(retried) or code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")

@@ -14,7 +14,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tunelab import artifacts, testhooks
+from tunelab import provenance, testhooks
+from tunelab.errors import first_line
 from tunelab.tracking import store
 from tunelab.tracking.liveness import process_tags, repair_stale
 from tunelab.tracking.uploads import OnCommit
@@ -92,10 +93,14 @@ class NullTracker:
 
 # A server that stops answering mid-run costs seconds, not MLflow's default minutes of retries
 # per call (7 retries, backoff factor 2, 120 s timeouts); the environment's own values win.
-HTTP_LIMITS = {
+CLIENT_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    # Queued metrics reach the store one batch at a time, in order: MLflow sends up to 10 at
+    # once, and two batches of one run with the same key race on the server's latest-metric
+    # upsert (PostgreSQL: "duplicate key value violates unique constraint latest_metric_pk").
+    "MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE": "1",
 }
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -189,7 +194,7 @@ class MlflowTracker:
         with self._losing:  # the training loop and the checkpoint writer may both find out
             if self.lost:
                 return
-            self.lost = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            self.lost = first_line(exc)[:300]
         self.ui_hint = None
         _drop_queued_metrics(self.client)
         if self._uploader is not None:  # checkpoint uploads not started yet: dropped
@@ -440,7 +445,7 @@ def start(
     if cfg.tracking.backend == "none":
         return NullTracker()
     uri = store.resolve_uri(cfg.tracking.uri)
-    for variable, value in HTTP_LIMITS.items():
+    for variable, value in CLIENT_SETTINGS.items():
         os.environ.setdefault(variable, value)
     try:
         store.check_reachable(uri)
@@ -535,14 +540,14 @@ def run_tags(
     resumed_from: Path | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    git = artifacts.git_state()
+    git = provenance.git_state()
     tags = {
         "mlflow.source.name": "tunelab train",
         "mlflow.source.type": "LOCAL",
         "tunelab.overrides": " ".join(overrides) if overrides else "(none)",
         "tunelab.run_dir": str(Path(run_dir).resolve()),
-        "tunelab.version": artifacts.versions().get("tunelab", "unknown"),
-        "tunelab.versions": ", ".join(f"{k} {v}" for k, v in artifacts.versions().items()),
+        "tunelab.version": provenance.versions().get("tunelab", "unknown"),
+        "tunelab.versions": ", ".join(f"{k} {v}" for k, v in provenance.versions().items()),
         **process_tags(),
         **(extra or {}),
     }

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab import artifacts
+from tunelab import manifests
 from tunelab.checkpoints.protocol import OnCommit
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class CheckpointUploader:
             return
         try:
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            files.sort(key=lambda p: p.name == artifacts.MANIFEST)  # the manifest last
+            files.sort(key=lambda p: p.name == manifests.MANIFEST)  # the manifest last
             for file in files:
                 sub = file.parent.relative_to(path).as_posix()
                 dest = f"checkpoints/{name}" + ("" if sub == "." else f"/{sub}")
@@ -117,7 +117,7 @@ def complete_upload(
     tracker = start(cfg, run_name, tags, resolved, overrides, previous_run_id=run_id)
     with recording(tracker):
         model_dir = Path(run_dir) / "model"
-        manifest = artifacts.read_manifest(model_dir)
+        manifest = manifests.read_manifest(model_dir)
         tracker.log_model(model_dir, manifest.get("metrics", {}), manifest.get("step", 0))
         tracker.log_metrics(manifest.get("metrics", {}), manifest.get("step", 0))
         if (Path(run_dir) / ".hydra").is_dir():
