@@ -124,6 +124,7 @@ FILE_CONTENTS = st.one_of(
 )
 
 
+@pytest.mark.slow  # a property test: 15 s of random files
 @settings(
     max_examples=80,
     deadline=None,

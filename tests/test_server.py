@@ -192,6 +192,7 @@ def test_a_database_down_under_the_server_fails_fast_then_uploads_later(team, tm
     assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "8"
 
 
+@pytest.mark.slow  # a real PostgreSQL and mlflow server, a run cut off from them
 def test_a_store_lost_mid_run_keeps_the_model_and_the_same_command_uploads_it(team, tmp_path):
     args = ["train", f"output.root={tmp_path / 'outputs'}", f"tracking.uri={team.url}",
             "tracking.experiment=lost-mid-run",
@@ -248,11 +249,13 @@ def test_missing_postgresql_binaries_are_one_line_saying_how_to_install(tmp_path
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.slow  # needs the real server
 def test_a_second_start_of_the_same_directory_names_the_running_server(team, tmp_path):
     proc = _server("--dir", str(team.state_dir), cwd=tmp_path)
     _one_line(proc, "already runs", f"tracking.uri={team.url}")
 
 
+@pytest.mark.slow  # needs the real server
 def test_a_taken_port_is_one_line_and_leaves_no_lock_file(team, tmp_path):
     proc = _server("--dir", "state", "--port", str(team.port), cwd=tmp_path)
     _one_line(proc, f"port {team.port} on 127.0.0.1 is taken")
@@ -295,6 +298,7 @@ def _server_processes(team) -> list[int]:
     return sorted(pids)
 
 
+@pytest.mark.slow  # needs the real server
 def test_postgresql_refuses_every_connection_without_the_password(team):
     import psycopg
 
@@ -320,6 +324,7 @@ def test_postgresql_refuses_every_connection_without_the_password(team):
     assert not [ln for ln in hba.splitlines() if "trust" in ln.split("#")[0].split()]
 
 
+@pytest.mark.slow  # needs the real server
 def test_the_secrets_are_0600_files_and_on_no_command_line(team):
     secrets = team.state_dir / "secrets"
     assert secrets.stat().st_mode & 0o777 == 0o700

@@ -361,6 +361,7 @@ def test_checkpoint_metrics_follow_the_task(task, metric, ok):
     assert (problems == []) == ok, problems
 
 
+@pytest.mark.slow  # a real scoring server
 def test_mlflow_models_serve_answers_inputs_with_label_names(classifier, tmp_path):
     """The Logged Model, served by `mlflow models serve`, takes {"inputs": [...]}."""
     from tests.conftest import invoke, served_model

@@ -43,6 +43,7 @@ def remote_run(mlflow_server, tmp_path_factory):
     return url, ws, exp_id, run
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_server_holds_params_tags_metrics_datasets_and_the_logged_model(remote_run):
     url, ws, exp_id, run = remote_run
     info, data = run["info"], run["data"]
@@ -68,6 +69,7 @@ def test_server_holds_params_tags_metrics_datasets_and_the_logged_model(remote_r
     assert {m["key"] for m in model["data"]["metrics"]} >= {"eval_loss", "eval_exact_match"}
 
 
+@pytest.mark.slow  # needs the real server
 def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp_path):
     url, ws, _, run = remote_run
     run_id = run["info"]["run_id"]
@@ -89,6 +91,7 @@ def test_export_through_the_server_loads_with_plain_transformers(remote_run, tmp
     assert again.stderr.strip().count("\n") == 0, again.stderr
 
 
+@pytest.mark.slow  # needs the real server
 def test_a_second_run_finetunes_from_the_first_ones_mlflow_uri(remote_run, tmp_path):
     url, _, _, run = remote_run
     source = f"runs:/{run['info']['run_id']}/model"

@@ -252,6 +252,7 @@ def test_the_artifact_is_the_runs_logged_model_stored_once(trained, monkeypatch,
     assert out == PROMPT + continuation(local, PROMPT, 3)
 
 
+@pytest.mark.slow  # a real scoring server
 def test_mlflow_models_serve_continues_inputs_as_greedy_decoding_does(trained, tmp_path):
     """The Logged Model of a causal LM, served by `mlflow models serve`, answers
     {"inputs": [...]} with each prompt and its greedy continuation, as the artifact's weights
