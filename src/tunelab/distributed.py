@@ -1,10 +1,11 @@
 """Several processes of one run (torchrun, `accelerate launch`): who they are, what they share.
 
 Every rank runs the whole command. What must be the same everywhere is decided once, by rank 0,
-and handed to the others through torchrun's own key-value store (`share`), so ranks can never
-diverge: the suffix of a `resume=never` directory, the run directory, the MLflow run id. Rank 0
-alone writes checkpoints, the artifact and tracking; every rank takes part in the same
-collectives in the same order (RNG states gathered for a checkpoint, the stop after a signal).
+and handed to the others through torchrun's own key-value store (`decided_by_rank_zero`), so
+ranks can never diverge: the suffix of a `resume=never` directory, the run directory, the
+MLflow run id. Rank 0 alone writes checkpoints, the artifact and tracking; every rank takes part
+in the same collectives in the same order (RNG states gathered for a checkpoint, the stop after
+a signal).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _wait_for(store: Any, keys: list[str]) -> None:
         time.sleep(0.05)
 
 
-def share(key: str, make: Callable[[], str]) -> str:
+def decided_by_rank_zero(key: str, make: Callable[[], str]) -> str:
     """`make()` on rank 0, the same string on every rank; a plain process just calls `make`.
     When `make` raises on rank 0, every other rank raises RankStopped with its exit code (rank 0
     says why), at once instead of waiting for a value that never comes."""
@@ -187,11 +188,6 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def same_run(run_id: str | None) -> str | None:
-    """Rank 0's MLflow run id, on every rank."""
-    return share("run-id", lambda: run_id or "") or None
 
 
 def note_resume(checkpoint: Any) -> None:

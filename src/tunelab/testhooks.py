@@ -16,7 +16,7 @@ import os
 import time
 
 
-def hold(point: str) -> None:
+def pause(point: str) -> None:
     """Wait `TUNELAB_TEST_<POINT>_DELAY` seconds."""
     seconds = float(os.environ.get(f"TUNELAB_TEST_{point}_DELAY") or 0)
     if seconds:

@@ -19,6 +19,7 @@ from tunelab.checkpoints.protocol import (
     step_of,
 )
 from tunelab.checkpoints.rotation import best_checkpoint, rotate
+from tunelab.checkpoints.strategy import trainer_arguments
 
 __all__ = [
     "ARGS_JSON",
@@ -37,4 +38,5 @@ __all__ = [
     "resume_point",
     "rotate",
     "step_of",
+    "trainer_arguments",
 ]

@@ -79,7 +79,7 @@ def commit(
     are there and are renamed to `ckpt` after. `known`: checksums already taken from memory, by
     file name."""
     if written is None:
-        testhooks.hold("COMMIT")
+        testhooks.pause("COMMIT")
     lacking = missing(written or ckpt, required)
     if lacking:
         raise IncompleteCheckpoint(

@@ -19,7 +19,7 @@ from typing import Any, cast
 from safetensors import SafetensorError
 from transformers import Trainer
 
-from tunelab import distributed, metrics, snapshots, testhooks
+from tunelab import distributed, snapshots, testhooks
 from tunelab.checkpoints.protocol import (
     ARGS_JSON,
     PREFIX,
@@ -33,22 +33,6 @@ from tunelab.checkpoints.rotation import best_checkpoint, rotate
 from tunelab.checkpoints.signals import AbandonWrite, StopOnSignal
 
 log = logging.getLogger("tunelab")
-
-
-def trainer_arguments(cfg: Any) -> dict[str, Any]:
-    """TrainingArguments for the `checkpoint` group. Trainer's own rotation is off
-    (save_total_limit=None): `rotate` runs after each commit instead."""
-    strategy = cfg.strategy
-    if strategy == "none":
-        return {"save_strategy": "no"}
-    args: dict[str, Any] = {"save_strategy": strategy, "save_total_limit": None}
-    if strategy == "steps":
-        args["save_steps"] = cfg.every
-    if strategy == "best":
-        metric = metrics.eval_name(cfg.metric)
-        args["metric_for_best_model"] = metric
-        args["greater_is_better"] = metrics.mode(metric, cfg.mode) == "max"
-    return args
 
 
 class CheckpointingTrainer(Trainer):
@@ -258,7 +242,7 @@ class CheckpointingTrainer(Trainer):
             self._save_scaler(str(partial))
             self.state.save_to_json(str(partial / "trainer_state.json"))
             (partial / ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
-            testhooks.hold("STAGE")  # a test signals the process right here
+            testhooks.pause("STAGE")  # a test signals the process right here
         except OSError as exc:  # a full disk, before the background part even starts
             shutil.rmtree(partial, ignore_errors=True)
             raise snapshots.CheckpointWriteFailed(
@@ -267,7 +251,7 @@ class CheckpointingTrainer(Trainer):
         epoch, at_step = self.state.epoch, _metrics_at(self.state, step)
 
         def write() -> None:
-            testhooks.hold("COMMIT")  # training goes on meanwhile: the snapshot must not change
+            testhooks.pause("COMMIT")  # training goes on meanwhile: the snapshot must not change
             try:
                 known = snapshots.save_weights(unwrapped, weights, partial)
                 if self.processing_class is not None:

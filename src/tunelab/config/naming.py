@@ -84,7 +84,7 @@ def _fresh_suffix() -> str:
         from tunelab import distributed
 
         own = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(_STARTED))}-{os.getpid()}"
-        _FRESH_SUFFIX = distributed.share("fresh-suffix", lambda: own)
+        _FRESH_SUFFIX = distributed.decided_by_rank_zero("fresh-suffix", lambda: own)
     return _FRESH_SUFFIX
 
 

@@ -328,7 +328,7 @@ class MlflowTracker:
             _sample(self._system)  # and one at the end, however short the run was
             self._system = None
         self.flush()
-        testhooks.hold("FINISH")  # a test signals the process right here
+        testhooks.pause("FINISH")  # a test signals the process right here
         if error:
             self.set_tags({"tunelab.error": error[:5000]})
         elif self.continued:  # an earlier attempt's error would describe this run wrongly
