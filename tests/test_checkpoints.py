@@ -21,7 +21,8 @@ from tests.conftest import (
     tiny,
     wait_for,
 )
-from tunelab import artifacts, checkpoints, files, manifests, snapshots
+from tunelab import artifacts, checkpoints, errors, files, manifests
+from tunelab.checkpoints import snapshots
 
 # 60 steps, a checkpoint every 4, the newest 2 kept (plus the best by eval_loss).
 LONGER = ["training.max_steps=60", "checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
@@ -364,7 +365,7 @@ def test_a_failed_background_write_stops_the_run_and_keeps_older_checkpoints(tmp
         raise OSError(28, "No space left on device")
 
     writer.start(fail, "checkpoint-4")
-    with pytest.raises(snapshots.CheckpointWriteFailed, match="No space left on device"):
+    with pytest.raises(errors.CheckpointWriteFailed, match="No space left on device"):
         writer.wait()
     writer.wait()  # reported once
     assert committed_steps(root) == [2]

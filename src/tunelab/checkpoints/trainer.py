@@ -1,7 +1,7 @@
 """Trainer with crash-safe checkpoint commits, background writes and tunelab's rotation.
 
 By default (`checkpoint.async_write`) the training loop only copies the state into reused CPU
-buffers at the step boundary (tunelab.snapshots); a background thread writes the `.partial`
+buffers at the step boundary (checkpoints.snapshots); a background thread writes the `.partial`
 directory, commits it (manifest last, tunelab.checkpoints.protocol) and rotates. One write is in
 flight at a time: the next checkpoint, the end of training and a stop on SIGTERM wait for it.
 """
@@ -19,7 +19,8 @@ from typing import Any, cast
 from safetensors import SafetensorError
 from transformers import Trainer
 
-from tunelab import distributed, snapshots, testhooks
+from tunelab import distributed, testhooks
+from tunelab.checkpoints import snapshots
 from tunelab.checkpoints.protocol import (
     ARGS_JSON,
     PREFIX,
@@ -31,6 +32,7 @@ from tunelab.checkpoints.protocol import (
 )
 from tunelab.checkpoints.rotation import best_checkpoint, rotate
 from tunelab.checkpoints.signals import AbandonWrite, StopOnSignal
+from tunelab.errors import CheckpointWriteFailed
 
 log = logging.getLogger("tunelab")
 
@@ -136,7 +138,7 @@ class CheckpointingTrainer(Trainer):
         except (OSError, RuntimeError, SafetensorError, IncompleteCheckpoint) as exc:
             if self.args.should_save and not (path / "manifest.json").exists():
                 shutil.rmtree(path, ignore_errors=True)  # frees the space it took
-            raise snapshots.CheckpointWriteFailed(
+            raise CheckpointWriteFailed(
                 f"writing {path.name} failed: {exc}. Older checkpoints are intact."
             ) from exc
         if self.args.should_save:
@@ -210,7 +212,7 @@ class CheckpointingTrainer(Trainer):
         try:
             partial.mkdir(parents=True)
         except OSError as exc:
-            raise snapshots.CheckpointWriteFailed(
+            raise CheckpointWriteFailed(
                 f"writing {final.name} failed: {exc}. Older checkpoints are intact."
             ) from exc
 
@@ -245,7 +247,7 @@ class CheckpointingTrainer(Trainer):
             testhooks.pause("STAGE")  # a test signals the process right here
         except OSError as exc:  # a full disk, before the background part even starts
             shutil.rmtree(partial, ignore_errors=True)
-            raise snapshots.CheckpointWriteFailed(
+            raise CheckpointWriteFailed(
                 f"writing {final.name} failed: {exc}. Older checkpoints are intact."
             ) from exc
         epoch, at_step = self.state.epoch, _metrics_at(self.state, step)
