@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, committed_steps, env, tunelab, wait_for
-from tunelab import artifacts, checkpoints, config, files, manifests, runner, snapshots
+from tunelab import checkpoints, config, files, manifests, runner
+from tunelab.checkpoints import snapshots
+
+# Written by the test, not taken from the code under test: what unpickles on load.
+PICKLES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 # TINY without the from-scratch architecture (model=hf has none), and a learning rate at which 8
 # steps move the adapter visibly.
@@ -80,7 +84,7 @@ def test_the_artifact_holds_the_merged_model_and_the_adapter(base, lora):
     adapter_config = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base.resolve())
     # No pickle anywhere, but Trainer's RNG state in checkpoints (read with weights_only=True).
-    pickles = [p for p in result.run_dir.rglob("*") if p.suffix in artifacts.PICKLE_SUFFIXES]
+    pickles = [p for p in result.run_dir.rglob("*") if p.suffix in PICKLES]
     assert {p.name for p in pickles} <= {"rng_state.pth"}
     assert not [p for p in pickles if "checkpoint-" not in p.parent.name]
     assert "adapter/" in (model_dir / "README.md").read_text()
@@ -193,14 +197,33 @@ def test_mlflow_has_trainable_below_total_and_exports_the_adapter(lora, tmp_path
 
 
 def test_lora_on_a_model_built_from_config(tmp_path):
-    """The default tiny GPT-2 from config: no base on disk, so none is named or hashed."""
-    from transformers import AutoModelForCausalLM
+    """The default tiny GPT-2 from config: no base on disk, so none is named or hashed; the
+    base is rebuilt by the same config and seed, and the adapter on it is the merged model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    result = train(tmp_path, "run", [*TINY, "peft=lora", "checkpoint=none"])
+    from tunelab import data, tasks
+    from tunelab import model as models
+
+    overrides = [*TINY, "peft=lora", "checkpoint=none", "training.lr=0.01"]
+    result = train(tmp_path, "run", overrides)
     peft = manifests.read_manifest(result.artifact_dir)["peft"]
     assert peft["base_model"] is None and peft["base_weights_sha256"] is None
     assert (result.artifact_dir / "adapter" / "adapter_model.safetensors").is_file()
-    AutoModelForCausalLM.from_pretrained(result.artifact_dir)
+    merged = AutoModelForCausalLM.from_pretrained(result.artifact_dir).eval()
+    # The base as the run built it: the same config, tokenizer and seed.
+    cfg = config.compose([*overrides, f"output.root={tmp_path}"])
+    tok = AutoTokenizer.from_pretrained(result.artifact_dir)
+    set_seed(cfg.seed)
+    rows = data.load(cfg.data, tmp_path / ".cache" / "datasets")
+    base = models.load_model(cfg.model, tok, None, tasks.get("causal_lm"), rows).eval()
+    ids = tok(["12+34=", "99+01="], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, result.artifact_dir / "adapter").eval()
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (merged(ids).logits - base_logits).abs().max() > 1e-3  # the adapter changed it
 
 
 @pytest.mark.parametrize(

@@ -628,12 +628,12 @@ def test_a_full_disk_with_synchronous_checkpoints_stops_cleanly(small_disk, tmp_
     """checkpoint.async_write=false: Trainer's own in-place write fills the disk; the run stops
     with CheckpointWriteFailed (one line in the CLI), the half-written checkpoint is removed and
     the older ones verify."""
-    from tunelab import runner, snapshots
+    from tunelab import errors, runner
 
     overrides = [*LONG, *CKPT, "checkpoint.async_write=false", "tracking=none"]
     # The run directory on the small disk; the data cache (under output.root) elsewhere.
     cfg = config.compose([*overrides, f"output.root={tmp_path}"])
-    with pytest.raises(snapshots.CheckpointWriteFailed, match="failed"):
+    with pytest.raises(errors.CheckpointWriteFailed, match="failed"):
         runner.run(cfg, small_disk / "run", overrides)
     root = small_disk / "run" / "checkpoints"
     kept = checkpoints.committed(root)

@@ -12,6 +12,16 @@ import pytest
 
 from tests.conftest import env, run_cli, runs_of, tiny, tunelab
 
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+# Tests that count on this machine having no CUDA device (a job asking for one fails).
+NO_CUDA = pytest.mark.skipif(_has_cuda(), reason="needs a machine without a CUDA device")
+
 SHARED = ["checkpoint=none"]
 
 
@@ -86,8 +96,12 @@ def test_submitit_local_launcher_runs_jobs_as_child_runs(workspace):
     _, (parent,), kids = parents_and_children(workspace)
     assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2"]
     assert {k.info.status for k in kids} == {"FINISHED"} and parent.info.status == "FINISHED"
+    # Each job ran in a process of its own, not in the sweep's.
+    pids = {k.data.tags["tunelab.pid"] for k in kids}
+    assert len(pids) == 2 and parent.data.tags["tunelab.pid"] not in pids
 
 
+@NO_CUDA
 def test_a_failed_job_is_failed_in_mlflow_and_the_others_go_on(workspace):
     # No CUDA device here: that job fails after its MLflow run began; the sweep exits 1 at the end.
     proc = sweep(workspace, "training.device=cpu,cuda", "seed=1", check=False)
