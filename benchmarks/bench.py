@@ -14,7 +14,6 @@ report.md and step_times.png.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -72,6 +71,17 @@ def step_timer() -> Any:
     return StepTimer()
 
 
+def stages_to_model(overrides: list[str], root: Path) -> tuple[Any, Any, Any]:
+    """(cfg, inputs, model) of a run of `overrides`, built by tunelab's own stages (data, base,
+    tokenizer, the task's tokenized rows; the seeded weights), untracked: what both sides of a
+    comparison train on."""
+    from tunelab import config, stages, startpoint, tracking
+
+    cfg = config.compose([*overrides, f"output.root={root / 'outputs'}", "tracking=none"])
+    inputs = stages.prepare(cfg, startpoint.Start({}, finished=False, resume_from=None))
+    return cfg, inputs, stages.build_model(cfg, inputs, tracking.NullTracker())
+
+
 def run_tunelab(overrides: list[str], root: Path, timer: Any = None, extra: Any = ()) -> float:
     """Steps/s of a real tunelab run (default tracking into a sqlite store, checkpoints);
     `extra`: more Trainer callbacks."""
@@ -90,18 +100,9 @@ def run_plain(
 ) -> float:
     """Steps/s of plain Trainer on the same model, data and batch: no tracking, and no
     checkpoints unless `save_every`."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments
 
-    from tunelab import config, data
-    from tunelab import model as models
-    from tunelab.tasks import causal_lm
-
-    cfg = config.compose(overrides)
-    rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows)
-    train = causal_lm.tokenize(rows.train, tok, cfg.data.max_length).dataset
-    set_seed(cfg.seed)
-    model = models.load_model(cfg.model, tok, None, causal_lm, rows)
+    cfg, inputs, model = stages_to_model(overrides, root)
     args = TrainingArguments(
         output_dir=str(root / "plain"),
         max_steps=cfg.training.max_steps,
@@ -124,10 +125,10 @@ def run_plain(
     )
     timer = timer or step_timer()
     trainer = Trainer(
-        model=model,
+        model=model.module,
         args=args,
-        train_dataset=train,
-        data_collator=causal_lm.collator(tok),
+        train_dataset=inputs.prepared.train,
+        data_collator=inputs.task.collator(inputs.tokenizer),
         callbacks=[timer],
     )
     trainer.train()
@@ -174,20 +175,23 @@ def throughput(reps: int, steps: int) -> dict:
 
 def save_timer() -> Any:
     """A TrainerCallback measuring how long each checkpoint blocks the training loop: from the
-    end of its step (`on_step_end`) to `on_save`, which Trainer calls once `_save_checkpoint`
-    has returned."""
+    end of its step (`on_step_end`) to `on_save`, which Trainer calls once its checkpoint save
+    has returned; then `after_save()` if set (waiting out a background write, say)."""
     from transformers import TrainerCallback
 
     class SaveTimer(TrainerCallback):
         def __init__(self) -> None:
             self.step_end = 0.0
             self.stalls: list[float] = []
+            self.after_save: Any = None
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.step_end = time.perf_counter()
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.stalls.append(time.perf_counter() - self.step_end)
+            if self.after_save is not None:
+                self.after_save()
 
     return SaveTimer()
 
@@ -306,59 +310,56 @@ def plot_step_times(times: dict[str, list[float]], every: int) -> Path:
 
 def checkpoint_stall(reps: int) -> dict:
     """Seconds the training loop is blocked by one checkpoint of the same state (weights plus
-    Adam state): plain Trainer's synchronous save, tunelab's (a copy into reused CPU buffers,
-    then written, fsynced and committed in the background), and an in-memory copy of the state
-    (`clone`, allocating). The first checkpoint of a run is reported apart: it allocates tunelab's
-    buffers."""
+    Adam state), in real training with a checkpoint every 5 steps, from the end of the step to
+    Trainer's `on_save`: plain Trainer's synchronous save, tunelab's (a copy into reused CPU
+    buffers, then written, fsynced and committed in the background; each background write is
+    waited for after its stall is measured, so no stall includes the previous write), and an
+    in-memory copy of the state (`clone`, allocating). The first checkpoint of a run is reported
+    apart: it allocates tunelab's buffers."""
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from tunelab import config, data
-    from tunelab import model as models
-    from tunelab.checkpoints.trainer import CheckpointingTrainer
-    from tunelab.tasks import causal_lm
+    from tunelab import stages, tracking
 
-    overrides = model_overrides() + ["training.max_steps=2"]
-    cfg = config.compose([*overrides, "checkpoint=steps", "checkpoint.every=1000"])
-    rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows)
-    train = causal_lm.tokenize(rows.train.select(range(256)), tok, cfg.data.max_length).dataset
-    results: dict[str, list[float]] = {"plain_trainer_s": [], "tunelab_s": [], "memory_copy_s": []}
+    every = 5
+    steps = every * (reps + 1)
+    overrides = model_overrides() + [
+        f"training.max_steps={steps}", "checkpoint=steps", f"checkpoint.every={every}",
+        "checkpoint.keep=1", "checkpoint.keep_best=false",
+    ]  # fmt: skip
+    results: dict[str, list[float]] = {"memory_copy_s": []}
     with tempfile.TemporaryDirectory() as tmp:
-        tunelab = functools.partial(CheckpointingTrainer, checkpoint=cfg.checkpoint)
-        for name, cls in (("plain_trainer_s", Trainer), ("tunelab_s", tunelab)):
-            model = models.load_model(cfg.model, tok, None, causal_lm, rows)
-            args = TrainingArguments(
-                output_dir=str(Path(tmp) / name), max_steps=2, report_to="none", use_cpu=True,
-                per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True,
-                dataloader_pin_memory=False,
-            )  # fmt: skip
-            collate = causal_lm.collator(tok)
-            trainer = cls(model=model, args=args, train_dataset=train, data_collator=collate)
-            trainer.train()  # optimizer state exists now
-            for rep in range(reps + 1):  # the first allocates tunelab's snapshot buffers
-                trainer.state.global_step = 100 + rep
-                began = time.perf_counter()
-                trainer._save_checkpoint(trainer.model, trial=None)
-                stalled = time.perf_counter() - began
-                if hasattr(trainer, "writer"):
-                    trainer.writer.wait()  # training steps would pass meanwhile
-                if rep == 0:
-                    results.setdefault(f"{name[:-2]}_first_s", []).append(stalled)
-                else:
-                    results[name].append(stalled)
-            if name == "tunelab_s":
-                snapshot = trainer.snapshot
-                snapshot_bytes = sum(f.size for f in snapshot.files.values()) + sum(
-                    b.numel() * b.element_size() for b in snapshot.buffers.values()
-                )
-                for _ in range(reps):
-                    began = time.perf_counter()
-                    state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-                    opt = trainer.optimizer.state_dict()["state"]
-                    state.update({f"opt.{k}.{n}": t.clone() for k, s in opt.items()
-                                  for n, t in s.items() if torch.is_tensor(t)})  # fmt: skip
-                    results["memory_copy_s"].append(time.perf_counter() - began)
+        root = Path(tmp)
+        cfg, inputs, model = stages_to_model(overrides, root)
+        plain = save_timer()
+        args = TrainingArguments(
+            output_dir=str(root / "plain"), max_steps=steps, report_to="none", use_cpu=True,
+            per_device_train_batch_size=cfg.training.batch_size, save_strategy="steps",
+            save_steps=every, save_total_limit=1, disable_tqdm=True, dataloader_pin_memory=False,
+        )  # fmt: skip
+        collate = inputs.task.collator(inputs.tokenizer)
+        Trainer(model=model.module, args=args, train_dataset=inputs.prepared.train,
+                data_collator=collate, callbacks=[plain]).train()  # fmt: skip
+        cfg, inputs, model = stages_to_model(overrides, root)  # the same seed: the same start
+        ours = save_timer()
+        trainer = stages.build_trainer(cfg, root / "tunelab", model, inputs,
+                                       tracking.NullTracker(), [ours])  # fmt: skip
+        ours.after_save = trainer.writer.wait  # training steps would pass meanwhile
+        trainer.train()
+        for name, timer in (("plain_trainer", plain), ("tunelab", ours)):
+            results[f"{name}_first_s"], results[f"{name}_s"] = timer.stalls[:1], timer.stalls[1:]
+        snapshot = trainer.snapshot
+        snapshot_bytes = sum(f.size for f in snapshot.files.values()) + sum(
+            b.numel() * b.element_size() for b in snapshot.buffers.values()
+        )
+        assert trainer.optimizer is not None
+        for _ in range(reps):
+            began = time.perf_counter()
+            state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            opt = trainer.optimizer.state_dict()["state"]
+            state.update({f"opt.{k}.{n}": t.clone() for k, s in opt.items()
+                          for n, t in s.items() if torch.is_tensor(t)})  # fmt: skip
+            results["memory_copy_s"].append(time.perf_counter() - began)
     out = {k: statistics.median(v) for k, v in results.items()}
     out["ratio_tunelab_vs_plain"] = out["tunelab_s"] / out["plain_trainer_s"]
     out["ratio_tunelab_vs_memory_copy"] = out["tunelab_s"] / out["memory_copy_s"]
@@ -377,17 +378,13 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from tunelab import artifacts, config, data, tracking
-    from tunelab import model as models
-    from tunelab.tasks import causal_lm
+    from tunelab import artifacts, tracking
 
-    cfg = config.compose(model_overrides())
-    rows = data.load(cfg.data)
-    tok = models.load_tokenizer(cfg.model, rows)
-    model = models.load_model(cfg.model, tok, None, causal_lm, rows)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        cfg, inputs, built = stages_to_model(model_overrides(), root)
+        model, tok = built.module, inputs.tokenizer
         uri = f"sqlite:///{root / 'm.db'}"
         tracker = tracking.MlflowTracker(uri, "bench", "bench", {})
         logs = {"loss": 1.0, "learning_rate": 1e-3, "grad_norm": 0.5, "epoch": 0.1}
@@ -403,7 +400,9 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
         art = artifacts.save_final(root / "model", model, tok, OmegaConf.to_yaml(cfg), info)
         log_t, cp_t, load_t, pickle_t, plain_t = [], [], [], [], []
         torch.save(model.state_dict(), root / "weights.pt")
-        plain_ckpt = plain_trainer_checkpoint(model, tok, root / "plain")
+        collate = inputs.task.collator(tok)
+        plain_ckpt = plain_trainer_checkpoint(model, tok, inputs.prepared.train, collate,
+                                              root / "plain")  # fmt: skip
         for rep in range(reps):
             began = time.perf_counter()
             tracker.log_model(art, {"eval_loss": 1.0}, rep)
@@ -440,16 +439,16 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
     return out
 
 
-def plain_trainer_checkpoint(model: Any, tok: Any, out: Path) -> Path:
-    """A checkpoint written by plain Trainer (its own _save_checkpoint) of `model`."""
+def plain_trainer_checkpoint(model: Any, tok: Any, train: Any, collate: Any, out: Path) -> Path:
+    """A checkpoint written by plain Trainer of `model`: one step at learning rate 0 (the
+    weights stay as they are), saved at its end."""
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True,
-                             save_strategy="no", disable_tqdm=True)  # fmt: skip
-    trainer = Trainer(model=model, args=args, processing_class=tok)
-    trainer.create_optimizer_and_scheduler(num_training_steps=1)
-    trainer.state.global_step = 1
-    trainer._save_checkpoint(model, trial=None)
+    args = TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True, max_steps=1,
+                             learning_rate=0.0, save_strategy="steps", save_steps=1,
+                             disable_tqdm=True, dataloader_pin_memory=False)  # fmt: skip
+    Trainer(model=model, args=args, processing_class=tok, train_dataset=train,
+            data_collator=collate).train()  # fmt: skip
     return out / "checkpoint-1"
 
 
@@ -493,16 +492,14 @@ DATA_SETTINGS = {"vocab_size": 2000, "max_length": 128, "eval_fraction": 0.05, "
 
 def data_child(mode: str, corpus: str, root: str, lr: str = "3e-3") -> None:
     """One data preparation in this (fresh) process, timed after the imports: `tunelab`
-    (data.load + load_tokenizer + the task's prepare, as runner.run calls them) or `by_hand`
+    (the run's own `stages.prepare`: rows, tokenizer, the task's tokenized splits) or `by_hand`
     (the same work written directly against `datasets`, `tokenizers` and `transformers`)."""
     import logging
 
     import datasets  # noqa: F401  imported before the clock starts, in both modes
     import transformers  # noqa: F401
 
-    from tunelab import config, data
-    from tunelab import model as models
-    from tunelab.tasks import causal_lm
+    from tunelab import config, stages, startpoint
 
     logging.getLogger("tunelab").setLevel(logging.ERROR)  # the truncation warnings
     st = DATA_SETTINGS
@@ -513,10 +510,8 @@ def data_child(mode: str, corpus: str, root: str, lr: str = "3e-3") -> None:
              f"model.tokenizer_vocab_size={st['vocab_size']}",
              f"model.arch.n_positions={st['max_length']}", f"training.lr={lr}"]
         )  # fmt: skip
-        rows = data.load(cfg.data, Path(root) / ".cache" / "datasets", cfg.training.num_workers)
-        tokenizer = models.load_tokenizer(cfg.model, rows)
-        prepared = causal_lm.prepare(rows, tokenizer, cfg.data)
-        n = len(prepared.train) + len(prepared.eval)
+        inputs = stages.prepare(cfg, startpoint.Start({}, finished=False, resume_from=None))
+        n = len(inputs.prepared.train) + len(inputs.prepared.eval or [])
     else:
         n = by_hand(corpus, root)
     print(json.dumps({"seconds": time.perf_counter() - began, "rows": n}))
