@@ -392,7 +392,7 @@ def tracking_and_artifacts(reps: int, step_s: float) -> dict:
         for step in range(200):
             tracker.log_metrics(logs, step)
         per_call = (time.perf_counter() - began) / 200
-        tracker.flush()
+        tracker.flush_metrics()
         out["log_metrics_per_step_s"] = per_call
         out["ratio_logging_vs_step_time"] = per_call / step_s
 

@@ -237,12 +237,12 @@ def finished(tmp_path_factory):
 
 
 def test_a_model_uri_the_store_does_not_have_is_one_line(finished, tmp_path, capsys):
-    from tunelab import model as models
+    from tunelab import tracking
 
     ws, _, _ = finished
     missing = "runs:/" + "0" * 32 + "/model"
     with pytest.raises(config.ConfigError) as caught:
-        models.fetch(missing, ws.uri, tmp_path)
+        tracking.resolve_model(missing, ws.uri, tmp_path)
     (line,) = caught.value.problems
     assert line.startswith(f"model.name_or_path: {missing}: not found in the store {ws.uri}")
     with pytest.raises(SystemExit) as exited:
@@ -345,12 +345,12 @@ def test_commit_seals_only_a_complete_checkpoint(tmp_path):
 def test_parallel_jobs_fetch_a_model_uri_once_without_racing(finished, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tunelab import model as models
+    from tunelab import tracking
 
     ws, run_dir, run_id = finished
-    source = f"runs:/{run_id}/model"
+    source, cache = f"runs:/{run_id}/model", tmp_path / ".cache" / "models"
     with ThreadPoolExecutor(3) as pool:
-        found = list(pool.map(lambda _: models.fetch(source, ws.uri, tmp_path), range(3)))
+        found = list(pool.map(lambda _: tracking.resolve_model(source, ws.uri, cache), range(3)))
     assert len(set(found)) == 1
     assert manifests.verify_manifest(Path(found[0])) == []
     assert [

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tunelab.errors import ConfigError, ModelError
+from tunelab.errors import ModelError
 
 log = logging.getLogger("tunelab")
 
 SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>"}
-
-
-def fetch(name_or_path: str | None, uri: str | None, output_root: Path) -> str | None:
-    """A local directory (or hub id) for `model.name_or_path`: a runs:/ or models:/ URI is
-    downloaded once into `<output.root>/.cache/models/`."""
-    from tunelab.tracking.logged_model import ModelNotFound, fetch_model
-
-    try:
-        return fetch_model(name_or_path, uri, output_root / ".cache" / "models")
-    except ModelNotFound as exc:
-        raise ConfigError([f"model.name_or_path: {exc}"]) from None
 
 
 def load_tokenizer(cfg: Any, rows: Any, source: str | None = None) -> Any:

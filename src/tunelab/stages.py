@@ -64,7 +64,9 @@ def prepare(cfg: DictConfig, start: startpoint.Start) -> Inputs:
     before an MLflow run exists; so does a resume whose data or base changed."""
     cache = Path(cfg.output.root) / ".cache" / "datasets"  # shared by resumes and sweep jobs
     rows = data.load(cfg.data, cache, workers=cfg.training.num_workers)
-    source = models.fetch(cfg.model.name_or_path, cfg.tracking.uri, Path(cfg.output.root))
+    source = tracking.resolve_model(
+        cfg.model.name_or_path, cfg.tracking.uri, Path(cfg.output.root) / ".cache" / "models"
+    )
     tokenizer = models.load_tokenizer(cfg.model, rows, source)
     task = tasks.get(cfg.model.task)
     prepared = task.prepare(rows, tokenizer, cfg.data)
@@ -110,11 +112,11 @@ def tracked_run(
             def open_run() -> str:
                 nonlocal tracker
                 previous = start.record.get("mlflow_run_id")
-                tracker = tracking.start(cfg, name, tags, resolved, overrides, previous)
+                tracker = tracking.open_run(cfg, name, tags, resolved, overrides, previous)
                 return tracker.run_id or ""
 
             run_id = distributed.decided_by_rank_zero("run-id", open_run) or None
-            recorded.enter_context(tracking.recording(tracker, held=stopper.deferred))
+            recorded.enter_context(tracking.recording(tracker, defer_signals=stopper.deferred))
             testhooks.pause("START")  # a test signals the process right here
             if main:
                 record = {**start.record, **inputs.digests, "mlflow_run_id": tracker.run_id}
@@ -172,7 +174,7 @@ def build_trainer(
         callbacks=[TrackingCallback(tracker), *callbacks],
         checkpoint=cfg.checkpoint,
         on_commit=tracker.checkpoint_hook(cfg.tracking.log_checkpoints),
-        before_commit=tracker.settle,  # the steps a resume will not log again are stored
+        before_commit=tracker.flush_metrics,  # the steps a resume will not log again are stored
     )
     tracking.log_processes(tracker, distributed.parameters(trainer.args))
     return trainer

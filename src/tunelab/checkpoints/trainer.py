@@ -40,7 +40,7 @@ log = logging.getLogger("tunelab")
 class CheckpointingTrainer(Trainer):
     """`checkpoint`: the run's checkpoint config; `on_commit`: see OnCommit (called from the
     writer thread when checkpoints are written in the background); `before_commit`: called
-    before each commit (the tracker's `settle`)."""
+    before each commit (the tracker's `flush_metrics`)."""
 
     def __init__(
         self,

@@ -1,9 +1,24 @@
-"""Tracking in MLflow: the store (store), one run's tracker (tracker), the Logged Model and
-models read back (logged_model), background and late uploads (uploads), stale-run repair
-(liveness) and Trainer's callback (callback, which imports transformers: import it where
-training happens). mlflow itself is imported only inside the functions that use it."""
+"""Tracking in MLflow, from the bottom of the package up:
 
-from tunelab.tracking.logged_model import download_model, fetch_model
+    values, liveness, lost_store   MLflow's limits on names and values; stale RUNNING runs; a
+                                   store that stops answering mid-run
+    store                          the store's URI, whether it answers, a client, links, listing
+    tracker                        the `Tracker` protocol, and the tracker that does nothing
+    uploads, logged_model,         checkpoints mirrored beside training; the artifact as the
+    system_metrics, continuation   run's Logged Model; the machine's metrics; a run created or
+                                   continued (each takes a client and a run id, not a tracker)
+    downloads                      models read back into local directories (`resolve_model`)
+    mlflow_tracker                 one MLflow run as a `Tracker`
+    records, lifecycle             what a run records; a run opened, ended, uploaded late
+    callback                       Trainer's logs to the tracker (imports transformers: import
+                                   it where training happens)
+
+mlflow itself is imported only inside the functions that use it."""
+
+from tunelab.tracking.downloads import download_model, resolve_model
+from tunelab.tracking.lifecycle import complete_upload, open_run, recording
+from tunelab.tracking.mlflow_tracker import MlflowTracker
+from tunelab.tracking.records import log_inputs, log_outcome, log_processes, run_tags
 from tunelab.tracking.store import (
     MODEL_URI_SCHEMES,
     TrackingUnavailable,
@@ -12,20 +27,8 @@ from tunelab.tracking.store import (
     recent_runs,
     resolve_uri,
 )
-from tunelab.tracking.tracker import (
-    MAX_PARAM_VALUE,
-    MlflowTracker,
-    NullTracker,
-    Tracker,
-    flatten,
-    log_inputs,
-    log_outcome,
-    log_processes,
-    recording,
-    run_tags,
-    start,
-)
-from tunelab.tracking.uploads import complete_upload
+from tunelab.tracking.tracker import NullTracker, Tracker
+from tunelab.tracking.values import MAX_PARAM_VALUE, flatten
 
 __all__ = [
     "MAX_PARAM_VALUE",
@@ -38,14 +41,14 @@ __all__ = [
     "client_for",
     "complete_upload",
     "download_model",
-    "fetch_model",
     "flatten",
     "log_inputs",
     "log_outcome",
     "log_processes",
+    "open_run",
     "recent_runs",
     "recording",
+    "resolve_model",
     "resolve_uri",
     "run_tags",
-    "start",
 ]

@@ -1,5 +1,6 @@
-"""The final artifact as the run's MLflow Logged Model, stored once, and models read back from
-the store (`runs:/`, `models:/`, run ids) into local directories."""
+"""The final artifact as its run's MLflow Logged Model, stored once: its Auto class and the
+transformers pipeline that serves it read from the artifact's own manifest, the files linked or
+uploaded, the transformers flavor (MLmodel) beside them, the final metrics linked to it."""
 
 from __future__ import annotations
 
@@ -7,64 +8,75 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunelab import artifacts, files, manifests, metrics
-from tunelab.errors import ModelNotFound
-from tunelab.tracking import store
-
-if TYPE_CHECKING:
-    from tunelab.tracking.tracker import MlflowTracker
+from tunelab.tracking.values import metric_key
 
 log = logging.getLogger("tunelab")
 
+# What MLflow keeps beside the Hugging Face files of a Logged Model (the flavor's MLmodel and
+# its copy of the tokenizer) or adds to a download of one (registered_model_meta): not part of
+# the artifact, so not left in a downloaded one.
+MLFLOW_FILES = ("MLmodel", "components", "registered_model_meta")
 
-def log_model(tracker: MlflowTracker, local_dir: Path, final: dict[str, Any], step: int) -> str:
-    """The Hugging Face directory `local_dir` as the run's Logged Model `model`: uploaded once,
-    as the model's artifacts (MLflow 3 serves them under runs:/ID/model too), with the final
-    eval metrics linked to it. Returns the model id."""
+# The transformers pipeline task serving each Auto class an artifact's manifest names, and the
+# pipeline class MLflow's transformers flavor instantiates for it.
+PIPELINES = {
+    "AutoModelForCausalLM": ("text-generation", "TextGenerationPipeline"),
+    "AutoModelForSequenceClassification": ("text-classification", "TextClassificationPipeline"),
+    "AutoModelForTokenClassification": ("token-classification", "TokenClassificationPipeline"),
+}
+
+
+def log_model(
+    client: Any,
+    experiment_id: str,
+    run_id: str,
+    local_dir: Path,
+    final: dict[str, Any],
+    step: int,
+    replace_earlier: bool = False,
+) -> str:
+    """The Hugging Face directory `local_dir` as the Logged Model `model` of run `run_id`:
+    uploaded once, as the model's artifacts (MLflow 3 serves them under runs:/ID/model too),
+    with the final eval metrics linked to it. `replace_earlier`: the run's earlier process may
+    have left a half-finished one (a continued run): deleted first. Returns the model id."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
-    from tunelab import tasks
-    from tunelab.tracking.tracker import metric_key
-
-    task_name = str(manifests.read_manifest(local_dir).get("task") or "causal_lm")
-    task = tasks.get(task_name)
-    client = tracker.client
-    if tracker.continued:  # only an earlier process of this run can have left one
-        for old in _logged_models(client, tracker.experiment_id, tracker.id):
-            client.delete_logged_model(old.model_id)  # a half-finished upload
+    manifest = manifests.read_manifest(local_dir)
+    task = str(manifest.get("task") or "causal_lm")
+    auto_class = str(manifest.get("auto_class") or "AutoModelForCausalLM")
+    if auto_class not in PIPELINES:
+        raise ValueError(f"{local_dir}: no transformers pipeline is known to serve {auto_class}")
+    if replace_earlier:
+        for old in _logged_models(client, experiment_id, run_id):
+            client.delete_logged_model(old.model_id)
     model = client.create_logged_model(
-        tracker.experiment_id,
+        experiment_id,
         name="model",
-        source_run_id=tracker.id,
-        tags={"tunelab.format": "huggingface", "tunelab.loader": task.AUTO_CLASS},
-        model_type=f"transformers/{task_name}",
+        source_run_id=run_id,
+        tags={"tunelab.format": "huggingface", "tunelab.loader": auto_class},
+        model_type=f"transformers/{task}",
     )
     if not _link_into(model.artifact_location, local_dir):
         client.log_model_artifacts(model.model_id, str(local_dir))
-    _log_transformers_flavor(client, model.model_id, local_dir, task.PIPELINE)
+    _log_transformers_flavor(client, model.model_id, local_dir, *PIPELINES[auto_class])
     now = int(time.time() * 1000)
     linked = [
         Metric(metric_key(k), v, now, step, model_id=model.model_id)
         for k, v in metrics.final(final).items()
     ]
     if linked:
-        client.log_batch(tracker.id, metrics=linked)
+        client.log_batch(run_id, metrics=linked)
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    client.log_outputs(tracker.id, [LoggedModelOutput(model.model_id, step)])
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     return str(model.model_id)
 
 
-# The pipeline class MLflow's transformers flavor instantiates for each pipeline task.
-_PIPELINES = {
-    "text-generation": "TextGenerationPipeline",
-    "text-classification": "TextClassificationPipeline",
-    "token-classification": "TokenClassificationPipeline",
-}
-
-
-def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeline: str) -> None:
+def _log_transformers_flavor(
+    client: Any, model_id: str, local_dir: Path, pipeline: str, pipeline_class: str
+) -> None:
     """An MLmodel file beside the Hugging Face files, so `mlflow.transformers.load_model` and
     pyfunc load the logged model too. It points the flavor's weights at the directory itself
     (model_binary ".") rather than a copy; only the tokenizer files (small) are repeated under
@@ -91,7 +103,7 @@ def _log_transformers_flavor(client: Any, model_id: str, local_dir: Path, pipeli
             transformers_version=transformers.__version__,
             code=None,
             task=pipeline,
-            instance_type=_PIPELINES[pipeline],
+            instance_type=pipeline_class,
             pipeline_model_type=arch[0],
             source_model_name="tunelab",
             framework="pt",
@@ -161,105 +173,3 @@ def _link_into(artifact_uri: str, source: Path) -> bool:
             target.unlink(missing_ok=True)
         return False
     return True
-
-
-# What MLflow keeps beside the Hugging Face files of a Logged Model (the flavor's MLmodel and
-# its copy of the tokenizer) or adds to a download of one (registered_model_meta): not part of
-# the artifact, so not left in a downloaded one.
-MLFLOW_FILES = ("MLmodel", "components", "registered_model_meta")
-
-
-def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
-    """Download a run's model (a run id, runs:/ID/model or models:/...) into `dst`: the Hugging
-    Face files only, verified against the manifest (no file it does not list), written beside
-    `dst` and renamed into place when complete."""
-    import shutil
-    import tempfile
-
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    resolved = store.resolve_uri(uri)
-    store.check_reachable(resolved)
-    if not source.startswith(store.MODEL_URI_SCHEMES):
-        source = f"runs:/{source}/model"
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp,
-        store.default_store(resolved),
-    ):
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=resolved)
-            )
-        except MlflowException as exc:
-            first = (str(exc).strip().splitlines() or ["not found"])[0]
-            raise ModelNotFound(f"{source}: not found in the store {resolved} ({first})") from None
-        for name in MLFLOW_FILES:
-            target = local / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        problems = manifests.verify_manifest(local)
-        if problems:
-            raise RuntimeError(f"{source}: the download does not match its manifest: {problems[0]}")
-        _unshare(local)
-        os.replace(local, dst)
-    return dst
-
-
-def _unshare(folder: Path) -> None:
-    """Every file of a download its own: one that shares its inode with another file (a hard
-    link into the store, whose files are the run's own `model/`: _link_into) is replaced by a
-    copy, so editing the download never edits the run. A copy-on-write clone where the
-    filesystem makes one (btrfs, XFS), else a plain copy."""
-    import shutil
-
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
-        if file.stat().st_nlink == 1:
-            continue
-        copy = file.with_name(f".{file.name}.copy")
-        with open(file, "rb") as src, open(copy, "wb") as dst:
-            if not _clone(src.fileno(), dst.fileno()):
-                shutil.copyfileobj(src, dst, 1 << 20)
-        shutil.copystat(file, copy)
-        os.replace(copy, file)
-
-
-def _clone(src: int, dst: int) -> bool:
-    """A copy-on-write clone of `src` into `dst` (Linux FICLONE); False where not supported."""
-    import fcntl
-
-    try:
-        fcntl.ioctl(dst, 0x40049409, src)  # FICLONE
-    except OSError:
-        return False
-    return True
-
-
-def fetch_model(name_or_path: str | None, uri: str | None, cache: Path) -> str | None:
-    """A local directory for `model.name_or_path`: MLflow URIs are downloaded once into `cache`
-    (keyed by the URI); paths and hub ids are returned as they are."""
-    if not name_or_path or not name_or_path.startswith(store.MODEL_URI_SCHEMES):
-        return name_or_path
-    import hashlib
-
-    from tunelab import locks
-
-    key = hashlib.sha1(f"{store.resolve_uri(uri)} {name_or_path}".encode()).hexdigest()[:16]
-    local = Path(cache) / key
-    if manifests.is_complete(local):
-        return str(local)
-    # Parallel jobs fetching the same model: one downloads (into a temporary name, renamed into
-    # place), the others wait and then reuse the complete entry.
-    with locks.waiting(Path(cache) / f".{key}.lock", f"model cache entry {local}"):
-        if not manifests.is_complete(local):
-            log.info("downloading %s to %s", name_or_path, local)
-            if local.exists():  # an incomplete entry left by a killed download
-                import shutil
-
-                shutil.rmtree(local)
-            download_model(name_or_path, local, uri)
-    return str(local)

@@ -11,7 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tunelab import metrics
 from tunelab.errors import TrackingUnavailable, first_line
+from tunelab.tracking.liveness import repair_stale
 
 MODEL_URI_SCHEMES = ("runs:/", "models:/")
 LOCAL_UI = "http://127.0.0.1:5000"  # what `tunelab ui` serves a local store on
@@ -195,9 +197,6 @@ def _artifact_of(tags: dict[str, str]) -> str:
 
 def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[str, Any]]:
     """Rows for `tunelab runs`, newest first (stale RUNNING runs are repaired first)."""
-    from tunelab import metrics
-    from tunelab.tracking.liveness import repair_stale
-
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
