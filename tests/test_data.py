@@ -417,7 +417,7 @@ def _prepare_into(cache: Path, path: Path) -> set[Path]:
     cfg = _cfg(path, "data.max_length=16")
     rows = data.load(cfg, cache)
     prepared = causal_lm.prepare(rows, models.train_tokenizer(["some text"]), cfg)
-    assert rows.holding is not None and len(rows.holding.locks) == 2
+    assert rows.holding is not None and len(rows.holding.held) == 2
     del rows, prepared
     gc.collect()  # the rows are gone: their entries are no longer held
     return {e.path for e in data_cache.cached_entries(cache)} - before

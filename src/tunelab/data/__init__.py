@@ -14,14 +14,17 @@ file and the line: only on that error path.
 
 This module tells the story (`load`); `sources` resolves data.train / data.eval and holds the
 error type, `arrow` reads through `datasets` and checks the columns, `scan` is the line scanner,
-`cache` keeps prepared data on disk and `integrity` checks it on reuse, `pieces` cuts long texts
-so no tokenizer holds a whole long row.
+`prepared` builds and holds tunelab's prepared data, `builder_entries` checks and holds
+`datasets`' own entries, `cache` is the cache on disk (keys, entries in use, pruning),
+`integrity` checks entries on reuse, `pieces` cuts long texts so no tokenizer holds a whole
+long row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,15 +33,8 @@ from typing import Any
 
 from tunelab.data import pieces
 from tunelab.data.arrow import quiet_datasets, read, row_kinds, training_texts
-from tunelab.data.cache import (
-    CacheEntry,
-    Holding,
-    Limits,
-    cached,
-    fingerprint,
-    processes,
-    tokenizer_digest,
-)
+from tunelab.data.cache import Limits, cache_key
+from tunelab.data.prepared import CacheEntry, Holding, cached, tokenizer_digest
 from tunelab.data.sources import (
     COMPLETION,
     FORMAT_NAMES,
@@ -58,7 +54,7 @@ from tunelab.data.sources import (
 __all__ = [
     "COMPLETION", "FORMATS", "FORMAT_NAMES", "LABEL", "MESSAGES", "PROMPT", "TEXT", "CacheEntry",
     "Columns", "DataError", "Holding", "Limits", "Rows", "Source", "addition", "cached", "entries",
-    "fingerprint", "from_files", "load", "processes", "quiet_datasets", "resolve", "row_kinds",
+    "cache_key", "from_files", "load", "processes", "quiet_datasets", "resolve", "row_kinds",
     "spec_problems", "tokenizer_digest", "training_texts",
 ]  # fmt: skip
 
@@ -86,7 +82,7 @@ class Rows:
     holding: Holding | None = None  # the cache entries these rows use, held while they live
 
     def split_digest(self, split: str) -> str:
-        return self.split_digests.get(split) or fingerprint(self.digest, split)
+        return self.split_digests.get(split) or cache_key(self.digest, split)
 
     def texts(self, batch_size: int = 1000) -> Iterator[list[str]]:
         """Training texts in batches, for training a tokenizer from scratch: read from the Arrow
@@ -167,21 +163,22 @@ def _digest(*splits: list[dict[str, str]]) -> str:
 
 def from_files(cfg: Any, cache_dir: Path | None = None, holding: Holding | None = None) -> Rows:
     """Rows from data.train (and data.eval, else a held-out `eval_fraction` of train). The
-    cache entries they are read into are held by `holding`, and the cache pruned when it grew."""
+    cache entries they are read into are held by `holding`, and the cache pruned when the run
+    added one."""
     columns = Columns.of(cfg)
     with quiet_datasets():
         train = read(resolve("data.train", cfg.train), columns, cache_dir, holding)
         evaluation = (
             read(resolve("data.eval", cfg.eval), columns, cache_dir, holding) if cfg.eval else None
         )
-    if holding is not None and holding.grew:
+    if holding is not None and holding.added_entry:
         holding.prune()
     options = {
         "version": DATA_VERSION,
         "columns": list(columns.renames()),
         "split": None if evaluation else [cfg.eval_fraction, cfg.seed],
     }
-    digest = fingerprint(train.digest, evaluation.digest if evaluation else "", options)
+    digest = cache_key(train.digest, evaluation.digest if evaluation else "", options)
     if evaluation is None:
         train_ds, eval_ds = _hold_out(train.dataset, cfg.eval_fraction, cfg.seed)
     else:
@@ -226,3 +223,15 @@ def _hold_out(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
         dataset.select(train_idx, keep_in_memory=True),
         dataset.select(eval_idx, keep_in_memory=True),
     )
+
+
+def processes(rows: Rows, n_rows: int) -> int:
+    """Processes for a batched map over `n_rows`: training.num_workers, else the cores (at
+    most 8); 1 for small data, where starting processes costs more than it saves."""
+    if n_rows < 20_000:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(rows.workers or cores, 8, n_rows // 10_000))

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.cache import Holding, fingerprint, prepared_split
+from tunelab.data.builder_entries import prepared_split
+from tunelab.data.cache import cache_key
+from tunelab.data.prepared import Holding
 from tunelab.data.scan import canonical_row, first_char, from_scan, scan
 from tunelab.data.sources import (
     COMPLETION,
@@ -80,7 +82,7 @@ def read(
         raw = dataset = from_scan(source, columns, cache_dir, digest, holding)
         columns = Columns()
     if source.kind == "hub":  # datasets' fingerprint follows the hub revision it loaded
-        digest = fingerprint("hub", source.spec, raw._fingerprint)
+        digest = cache_key("hub", source.spec, raw._fingerprint)
     if source.builder == "text":
         dataset = _drop_blank_lines(dataset)
     if len(dataset) == 0:
@@ -101,7 +103,7 @@ def _content_digest(source: Source) -> tuple[str, bool]:
     import xxhash
 
     if source.kind == "hub":
-        return fingerprint("hub", source.spec), False
+        return cache_key("hub", source.spec), False
     h = xxhash.xxh3_128()
     suspect = False
     text = source.kind == "files" and source.builder != "parquet"

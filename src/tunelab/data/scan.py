@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.cache import Holding, prepared_split
+from tunelab.data.builder_entries import prepared_split
+from tunelab.data.prepared import Holding
 from tunelab.data.sources import (
     COMPLETION,
     LABEL,
@@ -216,7 +217,7 @@ def from_scan(
 ) -> Any:
     """The rows of `source` as the scanner reads them, written to Arrow in batches, as
     `Dataset.from_generator` would, into a cache entry keyed by `digest` (in `gen_kwargs`), held
-    by `holding` and checked before it is read (tunelab.data.cache.prepared_split)."""
+    by `holding` and checked before it is read (tunelab.data.builder_entries.prepared_split)."""
     from datasets.io.generator import GeneratorDatasetInputStream
 
     def builder() -> Any:

@@ -148,7 +148,7 @@ def tokenize(
             remove_columns=dataset.column_names,
             features=features,
             load_from_cache_file=False,
-            new_fingerprint=data.fingerprint(
+            new_fingerprint=data.cache_key(
                 dataset._fingerprint, data.tokenizer_digest(tokenizer), max_length, split
             ),
             **where,
