@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import TINY, env, files_cfg, new_workspace, run_cli
-from tunelab import config, data, manifests
+from tunelab import config, data, manifests, preflight
 from tunelab.tasks import causal_lm
 
 # (arguments after `tunelab train`, lines the error must hold)
@@ -73,13 +73,13 @@ def test_an_unwritable_output_root_is_refused(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     cfg = config.compose([f"output.root={blocker / 'out'}"])
-    assert config.validate(cfg) == [f"output.root: {blocker / 'out'}: {blocker} is a file, not a directory"]  # fmt: skip
+    assert preflight.job_problems(cfg) == [f"output.root: {blocker / 'out'}: {blocker} is a file, not a directory"]  # fmt: skip
 
 
 def test_a_full_output_disk_is_refused_before_anything_starts(small_disk):
     (small_disk / "filler").write_bytes(b"\0" * (900 * 1024))
     cfg = config.compose([f"output.root={small_disk / 'out'}"])
-    (problem,) = config.validate(cfg)
+    (problem,) = preflight.job_problems(cfg)
     assert problem.startswith(f"output.root: {small_disk / 'out'} is full (")
 
 
@@ -98,13 +98,13 @@ def _pickle_only_model(tmp_path: Path) -> Path:
 def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
     source = _pickle_only_model(tmp_path)
     cfg = config.compose(["model=hf", f"model.name_or_path={source}"])
-    (problem,) = config.validate(cfg)
+    (problem,) = preflight.job_problems(cfg)
     assert problem.startswith(f"model.name_or_path: {source} holds only pickle weights")
     assert "model.allow_pickle=true" in problem
     allowed = config.compose(
         ["model=hf", f"model.name_or_path={source}", "model.allow_pickle=true"]
     )
-    assert config.validate(allowed) == []
+    assert preflight.job_problems(allowed) == []
 
 
 DATA_CASES = [
@@ -209,7 +209,7 @@ KEYS = ["training.lr", "checkpoint", "checkpoint.keep", "model.arch.n_embd", "da
 )  # fmt: skip
 def test_random_overrides_never_raise_only_problem_lines(overrides, multirun):
     args = (["-m"] if multirun else []) + [o for o in overrides if not o.startswith("-")]
-    problems = config.preflight(args)
+    problems = preflight.check_jobs(args)
     assert isinstance(problems, list)
     assert all(isinstance(p, str) and p and "\n" not in p for p in problems), problems
 

@@ -10,12 +10,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import env, tunelab
-from tunelab import config
+from tunelab import config, preflight
 
 
 def test_default_config_composes_and_validates():
     cfg = config.compose()
-    assert config.validate(cfg) == []
+    assert preflight.job_problems(cfg) == []
     assert cfg.model.arch.model_type == "gpt2"
     assert cfg.data.type == "addition"
     assert cfg.checkpoint.strategy == "steps"
@@ -41,7 +41,7 @@ def test_presets_compose_and_validate(overrides, tmp_path):
     for name in ("model/config.json", "model/model.safetensors", "train.jsonl"):
         (tmp_path / name).write_text("{}")
     cfg = config.compose([o.format(tmp=tmp_path) for o in overrides])
-    assert config.validate(cfg) == [], overrides
+    assert preflight.job_problems(cfg) == [], overrides
 
 
 def test_experiment_preset_overrides_only_what_differs():
@@ -53,7 +53,7 @@ def test_experiment_preset_overrides_only_what_differs():
 
 def test_validation_reports_every_problem_with_key_and_allowed_values():
     cfg = config.compose(["training.lr=-1", "checkpoint.keep=0", "tracking.log_checkpoints=some"])
-    problems = config.validate(cfg)
+    problems = config.problems(cfg)
     assert len(problems) == 3, problems
     text = "\n".join(problems)
     assert "training.lr" in text and "checkpoint.keep" in text
@@ -64,18 +64,44 @@ def test_validation_names_unknown_keys_with_a_suggestion():
     cfg = config.compose()
     OmegaConf.set_struct(cfg, False)
     cfg.training.lrr = 1.0
-    (problem,) = config.validate(cfg)
+    (problem,) = config.problems(cfg)
     assert problem.startswith("training.lrr: unknown key (did you mean training.lr?)")
 
 
 def test_validation_catches_impossible_combinations():
     cfg = config.compose(["checkpoint=best", "checkpoint.metric=null", "data.eval_size=0"])
-    problems = config.validate(cfg)
+    problems = config.problems(cfg)
     assert any(p.startswith("checkpoint.metric: required") for p in problems)
     assert any("needs an eval set" in p for p in problems)
-    assert config.validate(config.compose(["model=hf"])) == [
+    assert config.problems(config.compose(["model=hf"])) == [
         "model.name_or_path: required, set it on the command line (model.name_or_path=...)"
     ]
+
+
+def test_config_checks_values_and_preflight_what_they_point_at(tmp_path):
+    missing = tmp_path / "no-model"
+    cfg = config.compose(["model=hf", f"model.name_or_path={missing}", f"output.root={tmp_path}"])
+    assert config.problems(cfg) == []
+    assert preflight.job_problems(cfg) == [
+        f"model.name_or_path: {missing} does not exist (a local model directory)"
+    ]
+
+
+def test_config_imports_only_the_ground_floor():
+    probe = "import sys, tunelab.config; print(*sorted(m for m in sys.modules if 'tunelab' in m))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env())
+    outside = [m for m in out.stdout.split() if not m.startswith("tunelab.config")]
+    assert outside == ["tunelab", "tunelab.errors", "tunelab.metrics", "tunelab.paths"], out
+
+
+def test_a_fresh_run_directory_takes_the_suffix_it_is_handed():
+    assert config.run_dir_name(["seed=1"]) == "seed-1"
+    try:
+        config.set_fresh_suffix("20250101-000000-7")  # under torchrun: rank 0's, on every rank
+        assert config.run_dir_name(["seed=1"], "never") == "seed-1@20250101-000000-7"
+    finally:
+        config.set_fresh_suffix(config.own_fresh_suffix())
+    assert config.run_dir_name(["seed=1"], "never") == f"seed-1@{config.own_fresh_suffix()}"
 
 
 def test_run_name_is_stable_readable_and_safe():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY, env, run_cli
-from tunelab import config, data, locks, runner
+from tunelab import config, data, locks, preflight, runner
 from tunelab import model as models
 from tunelab.data import cache as data_cache
 from tunelab.tasks import causal_lm
@@ -263,7 +263,8 @@ def test_bad_sources_are_named_before_anything_is_read(tmp_path, monkeypatch):
         (line,) = caught.value.problems
         assert expected in line, (spec, line)
         if "parquet" not in spec:  # the config check says the same, before any run starts
-            assert any(expected in p for p in config.validate(cfg)), config.validate(cfg)
+            found = preflight.job_problems(cfg)
+            assert any(expected in p for p in found), found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +555,7 @@ def test_tunelab_cache_lists_and_prunes(tmp_path):
     ],
 )
 def test_bad_cache_limits_are_config_errors(override, problem):
-    assert config.validate(config.compose([override])) == [problem]
+    assert config.problems(config.compose([override])) == [problem]
 
 
 def test_a_lock_file_deleted_while_waited_for_is_not_shared(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, committed_steps, env, tunelab, wait_for
-from tunelab import checkpoints, config, files, manifests, runner
+from tunelab import checkpoints, config, files, manifests, preflight, runner
 from tunelab.checkpoints import snapshots
 
 # Written by the test, not taken from the code under test: what unpickles on load.
@@ -40,7 +40,7 @@ def train(root: Path, run: str, overrides: list[str], tracking: list[str] | None
     """One run in this process (much faster than a subprocess): `root/run`."""
     tracking = tracking or ["tracking=none"]
     cfg = config.compose([*overrides, *tracking, f"output.root={root}"])
-    config.check(cfg)
+    preflight.require_valid(cfg)
     return runner.run(cfg, root / run, overrides)
 
 
@@ -241,13 +241,13 @@ def test_lora_on_a_model_built_from_config(tmp_path):
 )
 def test_bad_lora_values_are_config_errors(overrides, problem):
     assert [
-        p[: len(problem)] for p in config.validate(config.compose(["peft=lora", *overrides]))
+        p[: len(problem)] for p in config.problems(config.compose(["peft=lora", *overrides]))
     ] == [problem]
 
 
 def test_an_adapter_checkpoint_is_not_resumed_as_a_full_model(lora):
     ckpt = lora[0].run_dir / "checkpoints" / "checkpoint-8"
-    assert config.validate(config.compose([f"resume={ckpt}"])) == [
+    assert preflight.job_problems(config.compose([f"resume={ckpt}"])) == [
         f"resume: {ckpt} holds a LoRA adapter (peft=lora); resume it with the peft it was "
         "trained with"
     ]

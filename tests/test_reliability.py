@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from tests.conftest import TINY, Workspace, env, files_cfg, tunelab, wait_for
-from tunelab import artifacts, checkpoints, cli, config, data, locks, manifests
+from tunelab import artifacts, checkpoints, cli, config, data, locks, manifests, preflight
 from tunelab.data.cache import cached_entries
 from tunelab.tasks import causal_lm
 
@@ -78,7 +78,9 @@ def test_a_sqlite_store_on_a_read_only_filesystem_is_refused_at_once(small_disk,
         cfg = config.compose(
             [f"tracking.uri=sqlite:///{small_disk / 'mlflow.db'}", f"output.root={tmp_path}"]
         )
-        assert config.validate(cfg) == [f"tracking.uri: {small_disk} is on a read-only filesystem"]
+        assert preflight.job_problems(cfg) == [
+            f"tracking.uri: {small_disk} is on a read-only filesystem"
+        ]
         assert time.monotonic() - began < 10  # not MLflow's minutes of retries
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import run_cli as cli_run
-from tunelab import checkpoints, cli, config, data, manifests, runner
+from tunelab import checkpoints, cli, config, data, manifests, preflight, runner
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "terrible", "horrible", "poor", "dreadful"]
@@ -67,7 +67,7 @@ def train(tmp_path: Path, *overrides: str):
         f"output.root={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
     ]  # fmt: skip
     cfg = config.compose([*every, *overrides])
-    assert config.validate(cfg) == []
+    assert preflight.job_problems(cfg) == []
     return runner.run(cfg, tmp_path / "run", [*every, *overrides])
 
 
@@ -357,7 +357,7 @@ def test_a_row_without_a_label_stops_the_cli_with_one_line_and_leaves_nothing(mi
 )
 def test_checkpoint_metrics_follow_the_task(task, metric, ok):
     cfg = config.compose([f"model.task={task}", "checkpoint=best", f"checkpoint.metric={metric}"])
-    problems = config.validate(cfg)
+    problems = config.problems(cfg)
     assert (problems == []) == ok, problems
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab import paths
+from tunelab import config, distributed, paths, preflight, sweeps
 
 if TYPE_CHECKING:
     import argparse
@@ -88,12 +88,16 @@ def train(args: list[str]) -> None:
     """Run Hydra's app with `args` exactly as if they followed a Hydra script's name."""
     import hydra
 
-    from tunelab import config, distributed, sweeps
-
     distributed.follow_launcher()
     # Every job's config, before Hydra creates anything: one line per problem, exit 2.
-    config.exit_on_problems(_on_every_rank(config.preflight(args)))
-    os.environ.setdefault("TUNELAB_EXPERIMENTS_DIR", str(paths.experiments_dir()))
+    if problems := _on_every_rank(preflight.check_jobs(args)):
+        for line in config.ConfigError(problems).lines() if distributed.is_main() else []:
+            print(line, file=sys.stderr)  # under torchrun every rank has them: rank 0 says them
+        raise SystemExit(config.ConfigError.exit_code)
+    # A `resume=never` directory's suffix: rank 0's on every rank, so that all name the same one.
+    suffix = distributed.decided_by_rank_zero("fresh-suffix", config.own_fresh_suffix)
+    config.set_fresh_suffix(suffix)
+    config.serve_experiments()
     app = hydra.main(config_path=str(paths.conf_dir()), config_name="train", version_base="1.3")(
         train_job
     )
@@ -132,12 +136,9 @@ def _on_every_rank(problems: list[str]) -> list[str]:
     rank 0's: another working directory, other conf files or environment)."""
     import json
 
-    from tunelab import distributed
-
     everyone = [json.loads(x) for x in distributed.gather("preflight", json.dumps(problems))]
-    if everyone[0]:
-        return list(everyone[0])
-    return [f"rank {r}: {p}" for r, theirs in enumerate(everyone) for p in theirs]
+    named = [f"rank {r}: {p}" for r, theirs in enumerate(everyone) for p in theirs]
+    return list(everyone[0]) or named
 
 
 def train_job(cfg: DictConfig) -> float | None:
@@ -167,8 +168,7 @@ def train_job(cfg: DictConfig) -> float | None:
             tags["mlflow.parentRunId"] = parent
         sweeps.clear_failure(run_dir)
     try:
-        if not config.validated(cfg):  # a job preflight could not foresee (a sweeper's choice)
-            config.check(cfg)
+        preflight.require_valid(cfg)  # unless preflight checked it (not a sweeper's choice)
         result = runner.run(cfg, run_dir, list(hc.overrides.task), tags=tags, name=name)
     except Exception as exc:
         known = _known_failure(exc)

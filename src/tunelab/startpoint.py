@@ -64,7 +64,7 @@ def decide(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]) -> Start:
 def _claim(run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:
     """The run record of `run_dir`, refusing a directory that holds a run of another config
     (conf files edited since the same command last ran there)."""
-    digest = config.fingerprint(resolved)
+    digest = config.digest(resolved)
     record = artifacts.read_run_record(run_dir)
     if record.get("fingerprint") not in (None, digest) and resolved["resume"] == "auto":
         raise ConfigError(

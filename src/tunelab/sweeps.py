@@ -61,15 +61,11 @@ def sweep_overrides(cfg: DictConfig) -> list[str]:
 def pin_sweep(overrides: list[str], resume: str) -> None:
     """Fix the sweep directory's name and the keys the sweep varies, for every job (and every
     launcher worker, which inherits the environment)."""
-    import json
-    import os
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    name = config.run_dir_name(overrides, resume)
-    os.environ[config.SWEEP_ENV] = json.dumps({"dir_name": name, "swept": swept})
+    config.set_sweep(config.run_dir_name(overrides, resume), swept)
 
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:

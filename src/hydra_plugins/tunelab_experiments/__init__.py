@@ -2,8 +2,11 @@
 
 Hydra maps a config group to a folder of the same name under a search-path root; tunelab keeps its
 presets in a top-level `experiments/` folder, so a small config source serves that folder as the
-`experiment` group. They act only when tunelab's CLI set TUNELAB_EXPERIMENTS_DIR, so other Hydra
-apps in the same environment are untouched.
+`experiment` group. They act only when tunelab set TUNELAB_EXPERIMENTS_DIR
+(tunelab.config.serve_experiments), so other Hydra apps in the same environment are untouched.
+The folder travels in the environment because Hydra makes this plugin itself, in every process
+that composes a job's config (launcher workers too); the plugin imports nothing of tunelab, as
+Hydra loads it in every Hydra app.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
 GROUP = "experiment"
-ENV = "TUNELAB_EXPERIMENTS_DIR"
+ENV = "TUNELAB_EXPERIMENTS_DIR"  # set by tunelab.config.serve_experiments, read here only
 
 
 class ExperimentsConfigSource(ConfigSource):

@@ -27,6 +27,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
+from tunelab import metrics
+
 log = logging.getLogger("tunelab")
 
 
@@ -91,8 +93,6 @@ class OptunaSweeper(Sweeper):
 
     def direction(self) -> Literal["minimize", "maximize"]:
         """The study's direction: set here, or what the jobs' objective wants."""
-        from tunelab import metrics
-
         if self.conf.direction:
             return "minimize" if self.conf.direction == "minimize" else "maximize"
         sweep, cfg = self.config.sweep, self.config

@@ -1,39 +1,58 @@
-"""The run's config: names, composition, the schema, validation and preflight. Nothing here
-imports torch, transformers or mlflow, so config errors answer in well under a second."""
+"""The run's config: composed (`compose`), named (`naming`: run, sweep and job directories),
+its values validated (`schema`, `validation`), and the jobs of a command line composed with
+Hydra's errors as problem lines (`jobs`). Config looks at values only: what a config points at
+on disk is tunelab.preflight's to check, and printing or exiting is the CLI's. Nothing here
+imports torch, transformers or mlflow, so config errors answer in well under a second.
 
-from tunelab.config.checks import ConfigError, check, resolved, validate
-from tunelab.config.compose import compose, composer
+Environment variables tunelab hands to its own processes (launcher workers compose and name
+jobs in processes of their own), each set and read by one module only:
+- `TUNELAB_EXPERIMENTS_DIR`: the folder served as the `experiment` group: set by
+  `serve_experiments` (`compose`) unless a user did, read by the Hydra plugin that serves it
+  (hydra_plugins.tunelab_experiments, which Hydra loads in every process that composes).
+- `TUNELAB_SWEEP`: the sweep directory's name and the keys the sweep varies (`naming`, set by
+  `set_sweep` when a sweep starts).
+- `TUNELAB_VALIDATED`: digests of the configs preflight found valid, so a job does not check its
+  config again (tunelab.preflight).
+"""
+
+from tunelab.config.compose import compose, composer, serve_experiments
+from tunelab.config.jobs import compose_job, job_overrides, trains
 from tunelab.config.naming import (
-    SWEEP_ENV,
-    fingerprint,
+    digest,
     job_name,
     key_of,
+    own_fresh_suffix,
     register_resolvers,
     run_dir_name,
     run_name,
+    set_fresh_suffix,
+    set_sweep,
     sweep_dir_name,
 )
-from tunelab.config.preflight import exit_on_problems, fail, preflight, validated
+from tunelab.config.validation import problems, resolved, typed
+from tunelab.errors import ConfigError
 
 register_resolvers()
 
 __all__ = [
-    "SWEEP_ENV",
     "ConfigError",
-    "check",
     "compose",
+    "compose_job",
     "composer",
-    "exit_on_problems",
-    "fail",
-    "fingerprint",
+    "digest",
     "job_name",
+    "job_overrides",
     "key_of",
-    "preflight",
+    "own_fresh_suffix",
+    "problems",
     "register_resolvers",
     "resolved",
     "run_dir_name",
     "run_name",
+    "serve_experiments",
+    "set_fresh_suffix",
+    "set_sweep",
     "sweep_dir_name",
-    "validate",
-    "validated",
+    "trains",
+    "typed",
 ]

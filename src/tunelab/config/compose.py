@@ -11,11 +11,21 @@ from omegaconf import DictConfig
 
 from tunelab import paths
 
+# The folder Hydra's `experiment` group is served from (hydra_plugins.tunelab_experiments reads it,
+# in this process and in the launcher workers it starts, which inherit it): set only here.
+EXPERIMENTS_ENV = "TUNELAB_EXPERIMENTS_DIR"
+
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """Compose `conf/train.yaml` with overrides."""
     with composer(return_hydra_config) as compose_one:
         return compose_one(list(overrides))
+
+
+def serve_experiments() -> None:
+    """Serve `experiments/` as Hydra's `experiment` group (`experiment=NAME`), in this process
+    and the launcher workers it starts; a folder TUNELAB_EXPERIMENTS_DIR names is kept."""
+    os.environ.setdefault(EXPERIMENTS_ENV, str(paths.project_root() / "experiments"))
 
 
 class composer:
@@ -29,7 +39,7 @@ class composer:
         from hydra import initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
 
-        os.environ.setdefault("TUNELAB_EXPERIMENTS_DIR", str(paths.experiments_dir()))
+        serve_experiments()
         GlobalHydra.instance().clear()
         self._context = initialize_config_dir(config_dir=str(paths.conf_dir()), version_base="1.3")
         self._context.__enter__()

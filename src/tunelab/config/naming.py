@@ -45,9 +45,10 @@ def run_name(overrides: Iterable[str]) -> str:
     return name
 
 
-def fingerprint(resolved: dict[str, Any]) -> str:
+def digest(resolved: dict[str, Any]) -> str:
     """sha256 of what decides the trained model: the resolved config less the keys that do not
-    change it (the same ones left out of run names)."""
+    change it (the same ones left out of run names). The run record keeps it (`fingerprint`), so
+    a resume whose config changed is refused."""
     kept = {k: v for k, v in resolved.items() if not _excluded(k) and k != "hydra"}
     for dotted in _NAME_EXCLUDED:
         group, _, key = dotted.partition(".")
@@ -70,33 +71,38 @@ def run_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
     """The run directory's name: the run name, plus a unique suffix when `resume=never` asks
     for a fresh directory (the same within one process, so a sweep's jobs share it)."""
     name = run_name(overrides)
-    return f"{name}@{_fresh_suffix()}" if str(resume) == "never" else name
-
-
-_FRESH_SUFFIX: str | None = None
-
-
-def _fresh_suffix() -> str:
-    """When this process started, and its pid; under torchrun rank 0's, so that every rank
-    names the same directory."""
-    global _FRESH_SUFFIX
-    if _FRESH_SUFFIX is None:
-        from tunelab import distributed
-
-        own = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(_STARTED))}-{os.getpid()}"
-        _FRESH_SUFFIX = distributed.decided_by_rank_zero("fresh-suffix", lambda: own)
-    return _FRESH_SUFFIX
+    return f"{name}@{_fresh_suffix or own_fresh_suffix()}" if str(resume) == "never" else name
 
 
 _STARTED = time.time()
+_fresh_suffix: str | None = None
 
-# Set by the sweep callback before any job starts (and inherited by launcher workers): the
-# sweep directory's name and the keys the sweep varies.
-SWEEP_ENV = "TUNELAB_SWEEP"
+
+def own_fresh_suffix() -> str:
+    """This process's suffix for a `resume=never` directory: when it started, and its pid."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(_STARTED))}-{os.getpid()}"
+
+
+def set_fresh_suffix(suffix: str) -> None:
+    """Name `resume=never` directories with `suffix` from now on, instead of this process's own:
+    under torchrun the caller hands every rank rank 0's, so that all name the same directory."""
+    global _fresh_suffix
+    _fresh_suffix = suffix
+
+
+# The sweep's directory name and the keys it varies: fixed by `set_sweep` before any job starts,
+# in the environment, so that launcher workers (other processes) inherit them. Read only here.
+_SWEEP_ENV = "TUNELAB_SWEEP"
+
+
+def set_sweep(dir_name: str, swept: list[str]) -> None:
+    """Fix the sweep directory's name and the keys the sweep varies, for every job of the sweep
+    (and every launcher worker: they inherit the environment)."""
+    os.environ[_SWEEP_ENV] = json.dumps({"dir_name": dir_name, "swept": swept})
 
 
 def _sweep() -> dict[str, Any]:
-    found = json.loads(os.environ.get(SWEEP_ENV) or "{}")
+    found = json.loads(os.environ.get(_SWEEP_ENV) or "{}")
     return found if isinstance(found, dict) else {}
 
 
