@@ -153,7 +153,7 @@ class Background:
 
 def free_port() -> int:
     """A free port on 127.0.0.1, as `tunelab server` finds one."""
-    from tunelab.tracking.server import free_port as find
+    from tunelab.teamserver import free_port as find
 
     return find()
 

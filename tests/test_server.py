@@ -22,7 +22,9 @@ import pytest
 
 from tests.conftest import committed_steps, env, run_cli, runs_of, tiny, tunelab, wait_for
 from tunelab import manifests
-from tunelab.tracking import server as team_server
+from tunelab import teamserver as team_server
+from tunelab.errors import ServerError
+from tunelab.teamserver.processes import group_alive
 
 
 def _state_dir(prefix: str) -> Path:
@@ -38,10 +40,10 @@ def team():
     """A team server for this module, started and stopped by tunelab's module."""
     try:
         team_server.find_binaries()
-    except team_server.ServerError as exc:
+    except ServerError as exc:
         pytest.fail(f"these tests need PostgreSQL's server binaries (.ci/run installs them): {exc}")
     root = _state_dir("tunelab-team-")
-    server = team_server.start(root / "state", workers=2)
+    server = team_server.start_server(root / "state", workers=2)
     yield server
     server.stop()
     assert server.database.pid() is None and server.proc.poll() is not None
@@ -383,7 +385,7 @@ def test_the_server_survives_kill_9_a_dead_database_and_a_stale_pid_file(tmp_pat
     os.kill(postmaster, signal.SIGKILL)
     assert first.wait(timeout=120) == 1
     assert "PostgreSQL stopped" in first.stderr.read()  # type: ignore[union-attr]
-    assert not team_server._group_alive(known["mlflow_pid"])
+    assert not group_alive(known["mlflow_pid"])
     # 2. Its postmaster.pid is stale, and names a live process that is not PostgreSQL.
     pid_file = state / "pgdata" / "postmaster.pid"
     lines = pid_file.read_text().split("\n")
@@ -404,7 +406,7 @@ def test_the_server_survives_kill_9_a_dead_database_and_a_stale_pid_file(tmp_pat
     third.send_signal(signal.SIGTERM)
     assert third.wait(timeout=120) == 0
     assert "stopped" in third.stdout.read()  # type: ignore[union-attr]
-    assert not team_server._group_alive(again["mlflow_pid"]) and not _cluster_processes(state)
+    assert not group_alive(again["mlflow_pid"]) and not _cluster_processes(state)
     assert team_server.port_is_free(int(url.rsplit(":", 1)[1]))
     subprocess.run(["rm", "-rf", str(state.parent)], check=False)
 
@@ -424,7 +426,7 @@ def full_disk_server():
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
     server = None
     try:
-        server = team_server.start(mountpoint / "state", workers=1)
+        server = team_server.start_server(mountpoint / "state", workers=1)
         filler = mountpoint / "filler"
         with open(filler, "wb") as f:
             free = os.statvfs(mountpoint).f_bavail * os.statvfs(mountpoint).f_frsize

@@ -21,7 +21,8 @@ import pytest
 from tests.conftest import env, run_cli, runs_of, tiny
 from tests.test_server import _state_dir
 from tunelab import manifests
-from tunelab.tracking import server as team_server
+from tunelab import teamserver as team_server
+from tunelab.teamserver.postgres import PG_CONF
 
 
 def _sha256(path: Path) -> str:
@@ -151,7 +152,7 @@ def test_a_trust_cluster_of_an_earlier_tunelab_is_migrated_to_passwords():
                             "-E", "UTF8", "--locale=C"),
                    cwd=old.pgdata, check=True, capture_output=True)  # fmt: skip
     with open(old.pgdata / "postgresql.conf", "a") as conf:
-        conf.write(team_server.PG_CONF)
+        conf.write(PG_CONF)
     old.start()
     try:
         with _without_password(old.port) as conn:
@@ -161,7 +162,7 @@ def test_a_trust_cluster_of_an_earlier_tunelab_is_migrated_to_passwords():
         legacy.set_terminated(legacy.create_run(kept).info.run_id)
     finally:
         old.stop()
-    server = team_server.start(state, workers=1)
+    server = team_server.start_server(state, workers=1)
     try:
         with pytest.raises(psycopg.OperationalError, match="no password supplied"):
             _without_password(server.database.port)

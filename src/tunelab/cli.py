@@ -441,9 +441,9 @@ def _bytes(n: int) -> str:
 
 
 def server(args: list[str]) -> None:
-    from tunelab.tracking import server as team_server
+    from tunelab import teamserver
 
-    team_server.main(args)
+    teamserver.main(args)
 
 
 TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui,
