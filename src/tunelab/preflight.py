@@ -71,8 +71,7 @@ def check_jobs(args: Sequence[str]) -> list[str]:
 def job_problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
     """Every problem of one job's config, one line each: its values, then (when its keys have
     the schema's types) what it points at on disk."""
-    found = config.problems(cfg)
-    plain = config.typed(cfg)
+    plain, found = config.check_values(cfg)
     return found if plain is None else found + _disk_problems(plain)
 
 

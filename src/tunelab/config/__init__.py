@@ -29,13 +29,14 @@ from tunelab.config.naming import (
     set_sweep,
     sweep_dir_name,
 )
-from tunelab.config.validation import problems, resolved, typed
+from tunelab.config.validation import check_values, problems, resolved
 from tunelab.errors import ConfigError
 
 register_resolvers()
 
 __all__ = [
     "ConfigError",
+    "check_values",
     "compose",
     "compose_job",
     "composer",
@@ -54,5 +55,4 @@ __all__ = [
     "set_sweep",
     "sweep_dir_name",
     "trains",
-    "typed",
 ]

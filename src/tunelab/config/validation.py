@@ -18,22 +18,19 @@ from tunelab.errors import first_line
 
 def problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
     """Every problem with the config's values, one line each (empty when they are valid)."""
+    return check_values(cfg)[1]
+
+
+def check_values(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The config as plain, resolved Python data when it resolves and every key has the type
+    the schema gives it (what a check of the paths it names can read), else None; and every
+    problem with its values, one line each."""
     try:
         plain = resolved(cfg)
     except Exception as exc:  # an interpolation that does not resolve
-        return [f"config: cannot resolve: {first_line(exc)}"]
-    return check_types(plain) or _combination_problems(plain)
-
-
-def typed(cfg: DictConfig | dict[str, Any]) -> dict[str, Any] | None:
-    """The config as plain, resolved Python data when it resolves and every key has the type
-    the schema gives it (what a check of its paths can read); None otherwise (`problems` says
-    why)."""
-    try:
-        plain = resolved(cfg)
-    except Exception:  # an interpolation that does not resolve
-        return None
-    return None if check_types(plain) else plain
+        return None, [f"config: cannot resolve: {first_line(exc)}"]
+    found = check_types(plain)
+    return (None, found) if found else (plain, _combination_problems(plain))
 
 
 def resolved(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
