@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,59 @@ def pin_sweep(overrides: list[str], resume: str) -> None:
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:
     return files.read_json(Path(sweep_dir) / SWEEP_RECORD).get("parent_run_id")
+
+
+@dataclass
+class Job:
+    """The Hydra job running now, as tunelab runs it: its directory and overrides; in a
+    multirun its number, its name (what sets it apart from its siblings) and the tags that hang
+    its MLflow run under the sweep's parent."""
+
+    run_dir: Path
+    overrides: list[str]
+    in_sweep: bool = False
+    num: int = 0
+    name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def current_job() -> Job:
+    """The job Hydra is running (a single run, or a sweep's job, whose earlier failure note is
+    cleared: it is tried again)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    job = Job(Path(hc.runtime.output_dir), list(hc.overrides.task))
+    if hc.mode != RunMode.MULTIRUN:
+        return job
+    job.in_sweep, job.num = True, int(hc.job.num)
+    job.name = config.job_name(hc.overrides.task)
+    job.tags = {"tunelab.sweep_id": Path(hc.sweep.dir).name, "tunelab.job_num": str(hc.job.num)}
+    parent = parent_run_id(hc.sweep.dir)
+    if parent:
+        job.tags["mlflow.parentRunId"] = parent
+    clear_failure(job.run_dir)
+    return job
+
+
+def job_failed(job: Job, why: str) -> None:
+    """A sweep's job failed: said in one line, noted beside it and counted on the parent; the
+    other jobs go on."""
+    print(f"tunelab: job {job.num} ({job.name}) failed: {why}", file=sys.stderr)
+    record_failure(job.run_dir, job.name or job.run_dir.name, why)
+
+
+def job_released(job: Job) -> None:
+    """After a job: its model and data released before the next job of a sequential sweep."""
+    import gc
+
+    gc.collect()
+    if job.in_sweep:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss / 2**20
+        log.info("job %d released: process RSS %.1f MiB", job.num, rss)
 
 
 FAILURE = "tunelab_failed.json"  # in a job's directory: why the job failed, until it succeeds

@@ -1,0 +1,193 @@
+"""The small commands beside `train`: runs, export, generate, predict, ui, cache, server.
+Each parses its own arguments (argparse); a bad argument is argparse's one line (exit 2), a store
+or model that refuses is one line from `cli` (exit 1). Heavy libraries load inside the commands
+that need them."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunelab import config, inference, sweeps, teamserver, tracking
+from tunelab.data import cache as data_cache
+from tunelab.errors import ModelRefused
+from tunelab.metrics import SUMMARY
+from tunelab.tracking.store import resolve_uri, ui_hint
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"tunelab {command}", description=description)
+    parser.add_argument("--uri", default=None, help="tracking URI (default: the one train uses)")
+    return parser
+
+
+def runs(args: list[str]) -> None:
+    parser = _parser("runs", "Recent runs, newest first.")
+    parser.add_argument("--experiment", default="tunelab")
+    parser.add_argument("--limit", type=_positive, default=20)
+    parser.add_argument("--sweep", default=None, help="a sweep's parent run id or name")
+    opts = parser.parse_args(args)
+    if opts.sweep:
+        jobs = sweeps.find_parent(opts.uri, opts.experiment, opts.sweep)
+        print(sweeps.summary(jobs).replace("sweep finished, best first", f"sweep {opts.sweep}"))
+        return
+    rows = tracking.recent_runs(opts.uri, opts.experiment, opts.limit)
+    if not rows:
+        print(f"no runs in experiment {opts.experiment!r}")
+        return
+
+    def cell(v: object) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    header = ["run id", "name", "status", *SUMMARY]
+    header += ["duration", "artifact"]
+    table = [
+        [r["run_id"][:12], _cut(r["name"], 40), r["status"], *(cell(r[m]) for m in SUMMARY),
+         f"{r['duration_s']:.0f}s", r["artifact"]]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
+    for line in [header, *table]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=False)).rstrip())
+    print(f"MLflow UI: {ui_hint(resolve_uri(opts.uri), rows[0]['experiment_id'])}")
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def export(args: list[str]) -> None:
+    parser = _parser("export", "Download a run's model into DIR, ready for from_pretrained.")
+    parser.add_argument("run", help="run id, runs:/ID/model or models:/ID")
+    parser.add_argument("dir")
+    opts = parser.parse_args(args)
+    dst = Path(opts.dir)
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise FileExistsError(f"{dst} exists and is not a directory; choose a new directory")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new directory")
+    if dst.exists():
+        dst.rmdir()
+    tracking.download_model(opts.run, dst, opts.uri)
+    print(f"exported {opts.run} to {dst} (verified against its manifest)")
+
+
+def generate(args: list[str]) -> None:
+    parser = _parser("generate", "Continue PROMPT with a model, greedily, to check it by eye.")
+    parser.add_argument("model", help="a model directory, a run id, or runs:/ / models:/ URI")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=_positive, default=16)
+    opts = parser.parse_args(args)
+    with _local_model(opts.model, opts.uri) as path:
+        print(opts.prompt + inference.generate(path, opts.prompt, opts.max_new_tokens))
+
+
+def predict(args: list[str]) -> None:
+    parser = _parser("predict", "Label TEXT with a classifier or tagger: one line per text.")
+    parser.add_argument("model", help="a model directory, a run id, or runs:/ / models:/ URI")
+    parser.add_argument("text", nargs="+")
+    opts = parser.parse_args(args)
+    with _local_model(opts.model, opts.uri) as path:
+        for text, answer in zip(opts.text, inference.predict(path, opts.text), strict=True):
+            print(f"{text}\t{answer}")
+
+
+@contextlib.contextmanager
+def _local_model(model: str, uri: str | None) -> Iterator[str]:
+    """A model directory as it is, or a run's model downloaded (and verified) for the call."""
+    if Path(model).is_dir():
+        yield model
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the answer alone
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(tracking.download_model(model, Path(tmp) / "model", uri))
+        try:
+            yield path
+        except ModelRefused as exc:  # named as the user named it, not by the download's path
+            raise ModelRefused(str(exc).replace(path, model)) from None
+
+
+def ui(args: list[str]) -> None:
+    parser = _parser("ui", "Open the MLflow UI on the store train writes to.")
+    parser.add_argument("--port", type=_port, default=5000)
+    opts = parser.parse_args(args)
+    uri = resolve_uri(opts.uri)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", "127.0.0.1", "--port", str(opts.port)]
+    print(f"tunelab: MLflow UI for {uri} at http://127.0.0.1:{opts.port}", flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def cache(args: list[str]) -> None:
+    """List the data cache of an output root, or prune it to the limits (the data config's
+    cache_max_gb and cache_max_age_days unless given): never an entry a process uses."""
+    defaults = config.compose([])
+
+    def amount(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number, at least 0")
+        return value
+
+    parser = argparse.ArgumentParser(prog="tunelab cache", description=cache.__doc__)
+    parser.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    parser.add_argument("--root", default=defaults.output.root, help="output.root")
+    parser.add_argument("--max-gb", type=amount, default=defaults.data.cache_max_gb)
+    parser.add_argument("--max-age-days", type=amount, default=defaults.data.cache_max_age_days)
+    opts = parser.parse_args(args)
+    root = Path(opts.root).expanduser().absolute() / ".cache" / "datasets"
+    limits = data_cache.Limits.of({"cache_max_gb": opts.max_gb,
+                                   "cache_max_age_days": opts.max_age_days})  # fmt: skip
+    if opts.action == "prune":
+        for entry in data_cache.prune(root, limits):
+            print(f"pruned {_bytes(entry.size)}  {entry.path.relative_to(root)}")
+    found = data_cache.cached_entries(root)
+    size = "no size limit" if opts.max_gb is None else f"at most {opts.max_gb:g} GB"
+    age = "no age limit" if opts.max_age_days is None else f"{opts.max_age_days:g} days unused"
+    total = _bytes(sum(e.size for e in found)).strip()
+    print(f"{root}: {len(found)} entries, {total} ({size}, {age})")
+    for e in reversed(found):  # most recently used first
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+        held = "in use" if data_cache.in_use(root, e.path) else ""
+        print(f"  {used}  {_bytes(e.size)}  {e.kind:<10}  {held:<6}  {e.path.relative_to(root)}")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:6.1f} {unit}"
+    return f"{n:6d} B "
+
+
+def server(args: list[str]) -> None:
+    teamserver.main(args)
+
+
+TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui,
+         "cache": cache, "server": server}  # fmt: skip
