@@ -548,7 +548,7 @@ def by_hand(corpus: str, root: str) -> int:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>"
     )
-    procs = data.processes(data.Rows(None, None, "", False, ""), len(raw))
+    procs = data.processes(len(raw))
     if procs > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as tunelab does in its workers
     tokenized = splits.map(

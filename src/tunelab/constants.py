@@ -5,3 +5,5 @@ from __future__ import annotations
 # Files that unpickle on load (and so can run code): never part of an artifact, never loaded
 # unless asked for.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# MLflow model URIs, which tracking resolves to a local directory before a model is loaded.
+MODEL_URI_SCHEMES = ("runs:/", "models:/")

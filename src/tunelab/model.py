@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
+from tunelab import data
 from tunelab.errors import ModelError
 
 log = logging.getLogger("tunelab")
@@ -30,8 +31,6 @@ def load_tokenizer(cfg: Any, rows: Any, source: str | None = None) -> Any:
             tok.pad_token = tok.eos_token
         return tok
     from transformers import PreTrainedTokenizerFast
-
-    from tunelab import data
 
     max_length = (cfg.arch or {}).get("n_positions")
     key = {"data": rows.digest, "vocab_size": cfg.tokenizer_vocab_size, "max_length": max_length}

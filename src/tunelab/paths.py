@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
@@ -16,7 +15,3 @@ def project_root() -> Path:
 
 def conf_dir() -> Path:
     return project_root() / "conf"
-
-
-def experiments_dir() -> Path:
-    return Path(os.environ.get("TUNELAB_EXPERIMENTS_DIR") or project_root() / "experiments")

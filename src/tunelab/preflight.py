@@ -23,14 +23,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tunelab import config
-from tunelab.constants import PICKLE_SUFFIXES
+from tunelab.constants import MODEL_URI_SCHEMES, PICKLE_SUFFIXES
 from tunelab.data.sources import spec_problems
 from tunelab.errors import ConfigError
 
 _CHECKED_ENV = "TUNELAB_VALIDATED"
-# MLflow model URIs, which tracking resolves to a directory when the run starts (the same as
-# tracking.store.MODEL_URI_SCHEMES: preflight stands below tracking, so it does not import it).
-_MODEL_URIS = ("runs:/", "models:/")
 
 
 def check_jobs(args: Sequence[str]) -> list[str]:
@@ -170,7 +167,7 @@ def _model_source_problems(model: dict[str, Any]) -> list[str]:
     """A local model directory must hold safetensors weights (pickle only with allow_pickle);
     a hub id needs the hub, which is named plainly when offline."""
     source = str(model["name_or_path"])
-    if source.startswith(_MODEL_URIS):
+    if source.startswith(MODEL_URI_SCHEMES):
         return []
     path = Path(source).expanduser()
     if path.is_dir():

@@ -27,9 +27,9 @@ def run(
     valid checkpoint when there is one; write its artifact to `run_dir/model`; track it.
     `callbacks`: extra Trainer callbacks. One process at a time per run directory: another is
     refused at once (errors.Busy). Under torchrun every rank runs this."""
-    # The stages import the Trainer and its callbacks (transformers): only when a run starts.
+    # The one import of tunelab's own inside a function here: the stages import the Trainer and
+    # its callbacks (transformers), so they load when a run starts, never for the CLI's answers.
     from tunelab import stages
-    from tunelab.checkpoints.signals import StopOnSignal
 
     run_dir, tags = Path(run_dir), tags or {}
     name = name or config.run_name(overrides)
@@ -44,7 +44,7 @@ def run(
                              objective=done.objective, already_finished=True)  # fmt: skip
         inputs = stages.prepare(cfg, start)
         with (
-            StopOnSignal() as stopper,
+            stages.StopOnSignal() as stopper,
             stages.tracked_run(
                 cfg, run_dir, name, overrides, resolved, tags, start, inputs, stopper
             ) as tracked,

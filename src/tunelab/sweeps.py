@@ -18,10 +18,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tunelab import config, files
+from tunelab import config, files, tracking
 from tunelab import metrics as tunelab_metrics
 from tunelab.errors import first_line
 from tunelab.tracking import store
+from tunelab.tracking.liveness import process_tags
 
 log = logging.getLogger("tunelab")
 
@@ -166,9 +167,6 @@ def forget_failures() -> None:
 def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) -> str | None:
     """Create the store, the experiment and the parent run before any job starts (parallel jobs
     then never race to create them), or reattach to the parent run of an earlier attempt."""
-    from tunelab import tracking
-    from tunelab.tracking.liveness import process_tags
-
     if cfg.tracking.backend == "none":
         return None
     name = config.run_name(task_overrides)

@@ -225,13 +225,13 @@ def _hold_out(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     )
 
 
-def processes(rows: Rows, n_rows: int) -> int:
-    """Processes for a batched map over `n_rows`: training.num_workers, else the cores (at
-    most 8); 1 for small data, where starting processes costs more than it saves."""
+def processes(n_rows: int, workers: int = 0) -> int:
+    """Processes for a batched map over `n_rows`: `workers` (training.num_workers), else the
+    cores (at most 8); 1 for small data, where starting processes costs more than it saves."""
     if n_rows < 20_000:
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(rows.workers or cores, 8, n_rows // 10_000))
+    return max(1, min(workers or cores, 8, n_rows // 10_000))

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from tunelab import metrics
+from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
 
@@ -79,8 +80,6 @@ def head_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
 def count_cut(encoded: Any, split: str, cfg: Any) -> int:
     """How many rows of the tokenized split `encoded` (its `too_long` column) were longer than
     `cfg.max_length`: refused with `cfg.truncate` false, else reported; the column is dropped."""
-    from tunelab.data import DataError
-
     cut = int(sum(encoded["too_long"]))
     if cut and not cfg.truncate:
         raise DataError(

@@ -77,7 +77,7 @@ def prepare(rows: Rows, tokenizer: Any, cfg: Any) -> Prepared:
                 cfg.truncate,
                 name,
                 cache_file=entry.building / f"{name}.arrow",
-                num_proc=data.processes(rows, len(split)),
+                num_proc=data.processes(len(split), rows.workers),
             )
             entry.meta[name] = {
                 "files": [Path(f["filename"]).name for f in out.dataset.cache_files],

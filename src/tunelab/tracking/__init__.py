@@ -15,12 +15,12 @@
 
 mlflow itself is imported only inside the functions that use it."""
 
+from tunelab.constants import MODEL_URI_SCHEMES
 from tunelab.tracking.downloads import download_model, resolve_model
 from tunelab.tracking.lifecycle import complete_upload, open_run, recording
 from tunelab.tracking.mlflow_tracker import MlflowTracker
 from tunelab.tracking.records import log_inputs, log_outcome, log_processes, run_tags
 from tunelab.tracking.store import (
-    MODEL_URI_SCHEMES,
     TrackingUnavailable,
     check_reachable,
     client_for,

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from tunelab import locks, manifests
+from tunelab.constants import MODEL_URI_SCHEMES
 from tunelab.errors import ConfigError, ModelNotFound
 from tunelab.tracking import store
 from tunelab.tracking.logged_model import MLFLOW_FILES
@@ -23,7 +24,7 @@ def resolve_model(name_or_path: str | None, uri: str | None, cache_dir: Path) ->
     """A local directory for `model.name_or_path`: a runs:/ or models:/ URI is downloaded once
     into `cache_dir` (an entry per store and URI); paths and hub ids are returned as they are.
     A URI the store does not have is a ConfigError naming the key."""
-    if not name_or_path or not name_or_path.startswith(store.MODEL_URI_SCHEMES):
+    if not name_or_path or not name_or_path.startswith(MODEL_URI_SCHEMES):
         return name_or_path
     key = hashlib.sha1(f"{store.resolve_uri(uri)} {name_or_path}".encode()).hexdigest()[:16]
     local = Path(cache_dir) / key
@@ -54,7 +55,7 @@ def download_model(source: str, dst: Path, uri: str | None = None) -> Path:
 
     resolved = store.resolve_uri(uri)
     store.check_reachable(resolved)
-    if not source.startswith(store.MODEL_URI_SCHEMES):
+    if not source.startswith(MODEL_URI_SCHEMES):
         source = f"runs:/{source}/model"
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

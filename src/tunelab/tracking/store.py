@@ -15,7 +15,6 @@ from tunelab import metrics
 from tunelab.errors import TrackingUnavailable, first_line
 from tunelab.tracking.liveness import repair_stale
 
-MODEL_URI_SCHEMES = ("runs:/", "models:/")
 LOCAL_UI = "http://127.0.0.1:5000"  # what `tunelab ui` serves a local store on
 
 
