@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TINY, env, files_cfg, new_workspace, run_cli
+from tests.helpers import TINY, env, files_cfg, new_workspace, run_cli
 from tunelab import config, data, manifests, preflight
 from tunelab.tasks import causal_lm
 
@@ -105,29 +105,6 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
         ["model=hf", f"model.name_or_path={source}", "model.allow_pickle=true"]
     )
     assert preflight.job_problems(allowed) == []
-
-
-DATA_CASES = [
-    ("empty.jsonl", b"", "is empty (no rows)"),
-    ("blank.txt", b"\n\n", "is empty (no rows)"),
-    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c",,}\n', "line 3: not valid JSON"),
-    ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 (byte 0xe9 at column 14)"),
-    ("columns.jsonl", b'{"body": "a"}\n', "line 1: no 'text' column (nor 'prompt' + 'completion'); it has 'body'"),
-    ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2: expected a JSON object, got list"),
-    ("array.json", b'[{"text": "a"},\n {"text": }]', "line 2: not valid JSON"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "expected"), DATA_CASES, ids=[c[0] for c in DATA_CASES]
-)
-def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, expected):
-    path = tmp_path / name
-    path.write_bytes(content)
-    with pytest.raises(data.DataError) as caught:
-        data.load(files_cfg(path), tmp_path / "cache")
-    (line,) = caught.value.problems
-    assert line.startswith(f"data.train: {path}") and expected in line, line
 
 
 def test_long_rows_are_counted_and_truncated_or_refused(tmp_path, caplog):

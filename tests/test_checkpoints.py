@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     Workspace,
     committed_steps,
     new_workspace,
@@ -33,11 +33,6 @@ LONGER = ["training.max_steps=60", "checkpoint=steps", "checkpoint.every=4", "ch
 SLOW_COMMITS = {"TUNELAB_TEST_COMMIT_DELAY": "0.4"}
 
 
-def run_dir_of(ws: Workspace) -> Path:
-    (run_dir,) = ws.run_dirs()
-    return run_dir
-
-
 def writing_a_checkpoint(ws: Workspace) -> bool:
     """A checkpoint directory exists whose manifest is not written yet."""
     root = ws.checkpoints()
@@ -48,7 +43,7 @@ def writing_a_checkpoint(ws: Workspace) -> bool:
 
 
 def assert_clean_finish(ws: Workspace, keep: int = 2) -> dict:
-    run_dir = run_dir_of(ws)
+    run_dir = ws.run_dir()
     manifest = manifests.read_manifest(run_dir / "model")
     assert manifest["step"] == 60
     assert manifests.verify_manifest(run_dir / "model") == []
@@ -135,7 +130,7 @@ def test_sigterm_checkpoints_marks_killed_and_the_same_command_resumes(workspace
     client, (run,) = runs_of(workspace)
     assert run.info.status == "KILLED"
     assert "SIGTERM" in run.data.tags["tunelab.error"]
-    assert not (run_dir_of(workspace) / "model").exists()
+    assert not (workspace.run_dir() / "model").exists()
 
     result = workspace.train(*command)
     assert f"checkpoint-{stopped_at}" in result.stdout
@@ -143,13 +138,13 @@ def test_sigterm_checkpoints_marks_killed_and_the_same_command_resumes(workspace
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["tunelab.resumed_from"].endswith(f"checkpoint-{stopped_at}")
     assert "tunelab.error" not in again.data.tags  # the first attempt's no longer describes it
-    assert manifests.read_manifest(run_dir_of(workspace) / "model")["step"] == 60
+    assert manifests.read_manifest(workspace.run_dir() / "model")["step"] == 60
 
 
 def test_corrupted_checkpoints_are_skipped_for_an_older_valid_one(workspace):
     short = ["checkpoint=steps", "training.max_steps=12", "checkpoint.every=4", "checkpoint.keep=3"]
     workspace.train(*short)
-    run_dir = run_dir_of(workspace)
+    run_dir = workspace.run_dir()
     root = run_dir / "checkpoints"
     assert committed_steps(root) == [4, 8, 12]
     # Truncated weights in the newest, an edited optimizer file in the next.
@@ -437,7 +432,7 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_model(worksp
     Its output holds tunelab's lines only: no warnings of transformers' about the resume."""
     command = ["checkpoint=steps", "checkpoint.every=4"]
     workspace.train(*command)
-    model = run_dir_of(workspace) / "model"
+    model = workspace.run_dir() / "model"
     digest = files.sha256_file(model / "model.safetensors")
     shutil.rmtree(model)  # as if killed right after checkpoint-8 was committed
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, env, free_port, run_cli, runs_of, wait_for
+from tests.helpers import TINY, TINY_MODEL, env, free_port, run_cli, runs_of, wait_for
 from tunelab import checkpoints, manifests
 
-# The tiny model from config, without the addition data's keys.
-MODEL = [o for o in TINY if not o.startswith(("data.digits", "data.train_size", "data.eval_size"))]
+MODEL = TINY_MODEL
 SUMS = [(a, b) for a in range(20) for b in range(10)]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import env, tunelab
+from tests.helpers import env, tunelab
 from tunelab import config, preflight
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, env, run_cli
+from tests.helpers import REPO, TINY, env, run_cli
 from tunelab import config, data, locks, preflight, runner
 from tunelab import model as models
 from tunelab.data import cache as data_cache
@@ -196,7 +196,8 @@ def test_conversations_need_a_chat_template(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad files: one line naming the file and the line (more in test_bad_input, test_reliability)
+# Bad files: one line naming the file and the line (one table: formats, encodings, shapes, and
+# the hostile rows of the audits: nulls, lists, JSON nested 100,000 deep)
 
 
 BAD = [
@@ -212,6 +213,17 @@ BAD = [
     ("latin1.csv", b"text\ncaf\xe9\n", "line 2: not UTF-8 (byte 0xe9 at column 4)"),
     ("latin1.txt", b"ok\ncaf\xe9\n", "line 2: not UTF-8 (byte 0xe9 at column 4)"),
     ("data.xml", b"<rows/>", "unknown format '.xml'"),
+    ("empty.jsonl", b"", "is empty (no rows)"),
+    ("blank.txt", b"\n\n", "is empty (no rows)"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c",,}\n', "line 3: not valid JSON"),
+    ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 (byte 0xe9 at column 14)"),
+    ("columns.jsonl", b'{"body": "a"}\n', "line 1: no 'text' column (nor 'prompt' + 'completion'); it has 'body'"),
+    ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2: expected a JSON object, got list"),
+    ("array.json", b'[{"text": "a"},\n {"text": }]', "line 2: not valid JSON"),
+    ("null.jsonl", b'{"text": "a"}\n{"text": null}\n', "line 2: 'text' is null, not text"),
+    ("list-value.jsonl", b'{"prompt": "a", "completion": ["b"]}\n', "line 1: 'completion' is list, not text"),
+    ("deep.jsonl", b'{"text": ' + b"[" * 100_000 + b"}\n", "line 1: JSON nested too deeply to read"),
+    ("deep.json", b"[" * 100_000, "JSON nested too deeply to read"),
 ]  # fmt: skip
 
 

@@ -185,7 +185,7 @@ def test_a_damaged_map_cache_beside_the_rows_is_made_again(tmp_path, caplog, dam
 
 def test_a_run_trains_after_its_tokenized_rows_were_damaged(tmp_path, caplog):
     """Flipped token ids trained into an IndexError; a truncated file failed every rerun."""
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     Workspace,
     committed_steps,
     env,
@@ -85,11 +85,6 @@ def finish(proc: subprocess.Popen, code: int = 0) -> str:
     return out
 
 
-def the_run_dir(ws: Workspace) -> Path:
-    (run_dir,) = ws.run_dirs()  # one directory, however many ranks
-    return run_dir
-
-
 def weights_digest(run_dir: Path) -> str:
     return hashlib.sha256((run_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
 
@@ -112,7 +107,7 @@ def straight(tmp_path_factory, empty_store) -> tuple[Workspace, str]:
 
 def test_two_processes_make_one_run_one_directory_one_artifact(straight):
     ws, out = straight
-    run_dir = the_run_dir(ws)
+    run_dir = ws.run_dir()
     assert manifests.verify_manifest(run_dir / "model") == []
     assert manifests.read_manifest(run_dir / "model")["step"] == 30
     # Only rank 0 speaks: one summary, no second rank's "not uploaded".
@@ -165,7 +160,7 @@ def test_sigterm_then_kill_9_of_the_group_then_the_same_command_ends_bit_identic
     client, (again,) = runs_of(ws)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert int(again.data.tags["tunelab.resumes"]) == 2
-    assert weights_digest(the_run_dir(ws)) == weights_digest(the_run_dir(straight[0]))
+    assert weights_digest(ws.run_dir()) == weights_digest(straight[0].run_dir())
 
 
 def test_a_rank_that_dies_takes_the_other_down_with_one_line(tmp_path, empty_store):
@@ -194,7 +189,7 @@ def test_a_rank_that_dies_takes_the_other_down_with_one_line(tmp_path, empty_sto
 def test_a_checkpoint_of_two_processes_resumes_in_one_with_a_warning(straight, tmp_path):
     import shutil
 
-    source = the_run_dir(straight[0]) / "checkpoints"
+    source = straight[0].run_dir() / "checkpoints"
     step = min(committed_steps(source))
     checkpoint = tmp_path / "from-two" / f"checkpoint-{step}"
     shutil.copytree(source / f"checkpoint-{step}", checkpoint)
@@ -202,7 +197,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_with_a_warning(straight, t
     result = ws.train(*COMMAND, f"resume={checkpoint}")
     said = result.stdout + result.stderr
     assert "was written by 2 process(es) and is resumed by 1" in said, said[-3000:]
-    manifest = manifests.read_manifest(the_run_dir(ws) / "model")
+    manifest = manifests.read_manifest(ws.run_dir() / "model")
     assert manifest["step"] == 30 and manifest["resumed_from"] == str(checkpoint)
 
 
@@ -363,7 +358,7 @@ def test_a_launch_refused_by_the_lock_stops_every_rank_and_touches_nothing(tmp_p
     with it and never cleans up the live run's uncommitted checkpoint; the live run finishes."""
     ws = new_workspace(tmp_path / "ws", empty_store)
     live = ws.popen(*COMMAND, "training.max_steps=10", TUNELAB_TEST_COMMIT_DELAY="12")
-    run_dir = lambda: the_run_dir(ws)  # noqa: E731
+    run_dir = lambda: ws.run_dir()  # noqa: E731
     wait_for(
         lambda: ws.run_dirs() and any(run_dir().glob("checkpoints/.checkpoint-*.partial")), live
     )
@@ -387,7 +382,7 @@ def test_a_launch_refused_by_the_lock_stops_every_rank_and_touches_nothing(tmp_p
 def test_a_corrupt_newest_checkpoint_is_set_aside_once_by_rank_0(tmp_path, empty_store):
     ws = new_workspace(tmp_path / "ws", empty_store)
     ws.train(*COMMAND, "checkpoint.keep=3")
-    run_dir = the_run_dir(ws)
+    run_dir = ws.run_dir()
     import shutil
 
     shutil.rmtree(run_dir / "model")  # as if killed before the artifact

@@ -11,19 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY, Workspace, run_cli
-from tunelab import config, files, runner
+from tests.helpers import run_cli
+from tunelab import files
 
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('code ran')\n"
-
-
-@pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
-    """One tiny tracked run, in-process: (workspace, its model directory, run id)."""
-    ws = Workspace(tmp_path_factory.mktemp("tracked"))
-    overrides = [*TINY, "checkpoint=none", "training.max_steps=2"]
-    result = runner.run(config.compose([*overrides, *ws.base()]), ws.root / "run", overrides)
-    return ws, result.artifact_dir, result.run_id
 
 
 def copy_of(model: Path, where: Path) -> Path:
@@ -82,9 +73,9 @@ def broken_config(d: Path) -> None:
 )
 @pytest.mark.parametrize("command", ["generate", "predict"])
 def test_a_hostile_model_directory_is_one_line_and_runs_nothing(
-    tracked, tmp_path, make, expected, command
+    tiny_tracked, tmp_path, make, expected, command
 ):
-    model = copy_of(tracked[1], tmp_path / "model")
+    model = copy_of(tiny_tracked[1] / "model", tmp_path / "model")
     make(model)
     result = run_cli(command, str(model), "12+34=", cwd=tmp_path, check=False)
     assert result.returncode == 1, result.stderr[-2000:]
@@ -102,8 +93,8 @@ def test_a_hostile_model_directory_is_one_line_and_runs_nothing(
     ],
     ids=["empty", "blank", "longer-than-the-model"],
 )
-def test_a_prompt_the_model_cannot_continue_is_one_line(tracked, tmp_path, prompt, expected):
-    result = run_cli("generate", str(tracked[1]), prompt, cwd=tmp_path, check=False)
+def test_a_prompt_the_model_cannot_continue_is_one_line(tiny_tracked, tmp_path, prompt, expected):
+    result = run_cli("generate", str(tiny_tracked[1] / "model"), prompt, cwd=tmp_path, check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
     assert line == f"tunelab generate: {expected}" or line.startswith(
@@ -111,9 +102,14 @@ def test_a_prompt_the_model_cannot_continue_is_one_line(tracked, tmp_path, promp
     ), line
 
 
-def test_a_prompt_near_the_last_position_is_continued_up_to_it(tracked, tmp_path):
+def test_a_prompt_near_the_last_position_is_continued_up_to_it(tiny_tracked, tmp_path):
     result = run_cli(
-        "generate", str(tracked[1]), "1+2=" * 3, "--max-new-tokens", "50", cwd=tmp_path
+        "generate",
+        str(tiny_tracked[1] / "model"),
+        "1+2=" * 3,
+        "--max-new-tokens",
+        "50",
+        cwd=tmp_path,
     )
     # 12 tokens of 16 positions: 4 new at most (byte-level: a character a token), not an error.
     assert result.stdout.startswith("1+2=1+2=1+2=") and len(result.stdout.strip()) <= 16
@@ -137,10 +133,10 @@ def test_predict_takes_a_text_longer_than_the_model_reads(tmp_path, head):
     assert len(result.stdout.strip().splitlines()) == 2, result.stdout[-500:]
 
 
-def test_a_run_from_a_tampered_store_is_refused_not_loaded(tracked, tmp_path):
+def test_a_run_from_a_tampered_store_is_refused_not_loaded(tiny_tracked, tmp_path):
     """Someone with write access to the store swapped the weights for a pickle and rewrote the
     manifest to match: the download verifies, the model is still not loaded."""
-    ws, _, run_id = tracked
+    ws, _, run_id = tiny_tracked
     client = MlflowClient(tracking_uri=ws.uri)
     (logged,) = [
         m for m in client.search_logged_models(experiment_ids=["1"]) if m.source_run_id == run_id

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, committed_steps, env, tunelab, wait_for
-from tunelab import checkpoints, config, files, manifests, preflight, runner
+from tests.helpers import TINY, committed_steps, env, run_here, tunelab, wait_for
+from tunelab import checkpoints, config, files, manifests, preflight
 from tunelab.checkpoints import snapshots
 
 # Written by the test, not taken from the code under test: what unpickles on load.
@@ -38,10 +38,7 @@ def lora_overrides(base: Path, *extra: str) -> list[str]:
 
 def train(root: Path, run: str, overrides: list[str], tracking: list[str] | None = None):
     """One run in this process (much faster than a subprocess): `root/run`."""
-    tracking = tracking or ["tracking=none"]
-    cfg = config.compose([*overrides, *tracking, f"output.root={root}"])
-    preflight.require_valid(cfg)
-    return runner.run(cfg, root / run, overrides)
+    return run_here(overrides, root / run, *(tracking or ["tracking=none"]), f"output.root={root}")
 
 
 @pytest.fixture(scope="module")

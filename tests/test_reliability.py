@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from tests.conftest import TINY, Workspace, env, files_cfg, tunelab, wait_for
+from tests.helpers import TINY, env, files_cfg, tunelab, wait_for
 from tunelab import artifacts, checkpoints, cli, config, data, locks, manifests, preflight
 from tunelab.data.cache import cached_entries
 from tunelab.tasks import causal_lm
@@ -84,26 +84,6 @@ def test_a_sqlite_store_on_a_read_only_filesystem_is_refused_at_once(small_disk,
         assert time.monotonic() - began < 10  # not MLflow's minutes of retries
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-
-
-DATA_CASES = [
-    ("null.jsonl", b'{"text": "a"}\n{"text": null}\n', "line 2: 'text' is null, not text"),
-    ("list.jsonl", b'{"prompt": "a", "completion": ["b"]}\n', "line 1: 'completion' is list, not text"),
-    ("deep.jsonl", b'{"text": ' + b"[" * 100_000 + b"}\n", "line 1: JSON nested too deeply to read"),
-    ("deep.json", b"[" * 100_000, "JSON nested too deeply to read"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "expected"), DATA_CASES, ids=[c[0] for c in DATA_CASES]
-)
-def test_hostile_data_rows_name_the_file_and_line(tmp_path, name, content, expected):
-    path = tmp_path / name
-    path.write_bytes(content)
-    with pytest.raises(data.DataError) as caught:
-        data.load(files_cfg(path), tmp_path / "cache")
-    (line,) = caught.value.problems
-    assert line.startswith(f"data.train: {path}") and expected in line, line
 
 
 JSON_VALUES = st.recursive(
@@ -224,24 +204,10 @@ def test_export_onto_something_that_is_not_an_empty_directory_is_refused(tmp_pat
     assert target.is_symlink() or target.read_text() == "mine"
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One tiny tracked run, in-process: (workspace, run directory, run id)."""
-    from tunelab import runner
-
-    ws = Workspace(tmp_path_factory.mktemp("finished"))
-    overrides = [*TINY, "checkpoint=none", "training.max_steps=2"]
-    cfg = config.compose([*overrides, *ws.base()])
-    with pytest.MonkeyPatch.context() as patch:  # MLflow's own sampler: every 5 s, too late
-        patch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
-        result = runner.run(cfg, ws.root / "run", overrides)
-    return ws, ws.root / "run", result.run_id
-
-
-def test_a_model_uri_the_store_does_not_have_is_one_line(finished, tmp_path, capsys):
+def test_a_model_uri_the_store_does_not_have_is_one_line(tiny_tracked, tmp_path, capsys):
     from tunelab import tracking
 
-    ws, _, _ = finished
+    ws, _, _ = tiny_tracked
     missing = "runs:/" + "0" * 32 + "/model"
     with pytest.raises(config.ConfigError) as caught:
         tracking.resolve_model(missing, ws.uri, tmp_path)
@@ -254,10 +220,10 @@ def test_a_model_uri_the_store_does_not_have_is_one_line(finished, tmp_path, cap
     assert "not found in the store" in line and not (tmp_path / "x").exists()
 
 
-def test_export_refuses_files_the_manifest_does_not_list(finished, tmp_path, capsys):
+def test_export_refuses_files_the_manifest_does_not_list(tiny_tracked, tmp_path, capsys):
     """A crafted store copy (an unlisted pickle and a .py beside the listed files) is not
     exported as "verified"."""
-    ws, _, run_id = finished
+    ws, _, run_id = tiny_tracked
     client = MlflowClient(tracking_uri=ws.uri)
     (model,) = [
         m for m in client.search_logged_models(experiment_ids=["1"]) if m.source_run_id == run_id
@@ -294,8 +260,8 @@ def test_a_manifest_naming_files_outside_its_directory_is_refused(tmp_path):
         assert "outside the directory" in problem, name
 
 
-def test_short_runs_log_system_metrics(finished):
-    ws, _, run_id = finished
+def test_short_runs_log_system_metrics(tiny_tracked):
+    ws, _, run_id = tiny_tracked
     run = MlflowClient(tracking_uri=ws.uri).get_run(run_id)
     assert "system/cpu_utilization_percentage" in run.data.metrics
     assert "system/system_memory_usage_megabytes" in run.data.metrics
@@ -344,12 +310,12 @@ def test_commit_seals_only_a_complete_checkpoint(tmp_path):
     assert not (ckpt / "manifest.json").exists() and checkpoints.committed(tmp_path) == []
 
 
-def test_parallel_jobs_fetch_a_model_uri_once_without_racing(finished, tmp_path):
+def test_parallel_jobs_fetch_a_model_uri_once_without_racing(tiny_tracked, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from tunelab import tracking
 
-    ws, run_dir, run_id = finished
+    ws, run_dir, run_id = tiny_tracked
     source, cache = f"runs:/{run_id}/model", tmp_path / ".cache" / "models"
     with ThreadPoolExecutor(3) as pool:
         found = list(pool.map(lambda _: tracking.resolve_model(source, ws.uri, cache), range(3)))
@@ -362,45 +328,19 @@ def test_parallel_jobs_fetch_a_model_uri_once_without_racing(finished, tmp_path)
 
 LONG = [o for o in TINY if not o.startswith("training.max_steps")] + ["training.max_steps=400"]
 CKPT = ["checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
-
-
-def popen(
-    ws: Workspace, *overrides: str, extra_env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "train", *ws.base(), *LONG, *CKPT, *overrides],
-        cwd=ws.root, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def store_runs(ws: Workspace) -> list:
-    client = MlflowClient(tracking_uri=ws.uri)
-    exp = client.get_experiment_by_name("tunelab")
-    return client.search_runs([exp.experiment_id]) if exp else []
-
-
-def ready_store(ws: Workspace) -> None:
-    """Create and migrate the store before a process and the test both open it."""
-    MlflowClient(tracking_uri=ws.uri).search_experiments()
-
-
-def committed(ws: Workspace) -> list[int]:
-    dirs = ws.run_dirs()
-    root = dirs[0] / "checkpoints" if dirs else ws.root / "none"
-    return sorted(checkpoints.step_of(p) for p in checkpoints.committed(root))
+LONGER = ["training.max_steps=400", *CKPT]  # Workspace.popen puts them over TINY
 
 
 @pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace):
-    ready_store(workspace)
+    workspace.ready_store()
     # Each commit held 1 s: the first still runs 9 s after its first checkpoint, time enough
     # for the second to start, however loaded the machine.
-    first = popen(workspace, "training.max_steps=40", extra_env={"TUNELAB_TEST_COMMIT_DELAY": "1"})
+    first = workspace.popen(*LONGER, "training.max_steps=40", TUNELAB_TEST_COMMIT_DELAY="1")
     try:
-        wait_for(lambda: committed(workspace), first)
+        wait_for(lambda: workspace.committed(), first)
         began = time.monotonic()
-        second = popen(workspace, "training.max_steps=40")
+        second = workspace.popen(*LONGER, "training.max_steps=40")
         out = second.communicate(timeout=120)[0]
         assert second.returncode == 1, out
         assert time.monotonic() - began < 60  # refused at once, not after training
@@ -409,7 +349,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace
         assert first.wait(timeout=300) == 0
     finally:
         first.kill()
-    (run,) = store_runs(workspace)
+    (run,) = workspace.runs()
     assert run.info.status == "FINISHED"
     assert manifests.verify_manifest(workspace.run_dirs()[0] / "model") == []
 
@@ -421,78 +361,78 @@ def test_a_second_process_on_the_same_run_directory_is_refused_at_once(workspace
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "kill-9"])
 def test_a_signal_while_the_run_is_created_leaves_no_orphan_and_nothing_running(workspace, how):
-    ready_store(workspace)
+    workspace.ready_store()
     hold = {"TUNELAB_TEST_START_DELAY": "4"}  # seconds between the run and its record
-    proc = popen(workspace, "training.max_steps=8", extra_env=hold)
-    wait_for(lambda: store_runs(workspace), proc)  # the MLflow run exists, its record not yet
+    proc = workspace.popen(*LONGER, "training.max_steps=8", **hold)
+    wait_for(lambda: workspace.runs(), proc)  # the MLflow run exists, its record not yet
     assert "mlflow_run_id" not in artifacts.read_run_record(workspace.run_dirs()[0])
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=120)[0]
         assert proc.returncode == 128 + signal.SIGTERM, out
-        (run,) = store_runs(workspace)
+        (run,) = workspace.runs()
         assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["tunelab.error"]
     else:
         proc.kill()
         proc.wait()
-    rerun = popen(workspace, "training.max_steps=8")
+    rerun = workspace.popen(*LONGER, "training.max_steps=8")
     assert rerun.wait(timeout=300) == 0, rerun.stdout.read()[-3000:]
-    (run,) = store_runs(workspace)  # the same run, continued: no orphan beside a new one
+    (run,) = workspace.runs()  # the same run, continued: no orphan beside a new one
     assert run.info.status == "FINISHED" and run.data.tags["tunelab.resumes"] == "1"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["staged", "written", "synchronous"])
 def test_a_second_sigterm_still_lets_the_checkpoint_in_flight_commit(workspace, phase):
-    ready_store(workspace)
+    workspace.ready_store()
     # Held 2 s while its state is copied at the step boundary, while written in the background,
     # or (synchronous writes) before its manifest: a second SIGTERM then must not cut it.
     hold = "STAGE" if phase == "staged" else "COMMIT"
     extra = ["checkpoint.async_write=false"] if phase == "synchronous" else []
-    proc = popen(workspace, *extra, extra_env={f"TUNELAB_TEST_{hold}_DELAY": "2"})
-    wait_for(lambda: committed(workspace), proc)
-    before = committed(workspace)
+    proc = workspace.popen(*LONGER, *extra, **{f"TUNELAB_TEST_{hold}_DELAY": "2"})
+    wait_for(lambda: workspace.committed(), proc)
+    before = workspace.committed()
     proc.send_signal(signal.SIGTERM)
     root = workspace.run_dirs()[0] / "checkpoints"
 
     def in_flight() -> bool:  # checkpoint-N or .checkpoint-N.partial, N newer, not committed
         names = [re.fullmatch(r"\.?checkpoint-(\d+)(\.partial)?", p.name) for p in root.iterdir()]
         steps = [int(m[1]) for m in names if m]
-        return any(step > max(before) and step not in committed(workspace) for step in steps)
+        return any(step > max(before) and step not in workspace.committed() for step in steps)
 
     wait_for(in_flight, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
-    after = committed(workspace)
+    after = workspace.committed()
     assert max(after) > max(before), (before, after, out)
     assert not [p for p in root.iterdir() if p.name.endswith(".partial")]
     assert manifests.verify_manifest(root / f"checkpoint-{max(after)}") == []
-    (run,) = store_runs(workspace)
+    (run,) = workspace.runs()
     assert run.info.status == "KILLED"
 
 
 @pytest.mark.slow
 def test_a_second_sigterm_while_the_run_ends_still_marks_it_killed(workspace):
-    ready_store(workspace)
-    proc = popen(workspace, extra_env={"TUNELAB_TEST_FINISH_DELAY": "3"})  # before the status
-    wait_for(lambda: committed(workspace), proc)
-    before = committed(workspace)
+    workspace.ready_store()
+    proc = workspace.popen(*LONGER, TUNELAB_TEST_FINISH_DELAY="3")  # before the status
+    wait_for(lambda: workspace.committed(), proc)
+    before = workspace.committed()
     proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: max(committed(workspace)) > max(before), proc)  # the stop checkpoint
+    wait_for(lambda: max(workspace.committed()) > max(before), proc)  # the stop checkpoint
     time.sleep(1)  # into the 3 s hold before the KILLED status is written
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "Traceback" not in out
-    (run,) = store_runs(workspace)
+    (run,) = workspace.runs()
     assert run.info.status == "KILLED", out  # not left RUNNING
 
 
 @pytest.mark.slow
 def test_a_third_signal_stops_without_waiting_and_the_rerun_resumes(workspace):
-    ready_store(workspace)
-    proc = popen(workspace, extra_env={"TUNELAB_TEST_COMMIT_DELAY": "30"})
+    workspace.ready_store()
+    proc = workspace.popen(*LONGER, TUNELAB_TEST_COMMIT_DELAY="30")
     root = lambda: workspace.run_dirs()[0] / "checkpoints"  # noqa: E731
     wait_for(
         lambda: (
@@ -510,8 +450,8 @@ def test_a_third_signal_stops_without_waiting_and_the_rerun_resumes(workspace):
     assert time.monotonic() - began < 25, out  # did not wait out the 30 s write
     assert proc.returncode == 128 + signal.SIGINT, out
     assert "stopping without waiting for the checkpoint in flight" in out
-    assert committed(workspace) == []
-    assert popen(workspace, "training.max_steps=8").wait(timeout=300) == 0
+    assert workspace.committed() == []
+    assert workspace.popen(*LONGER, "training.max_steps=8").wait(timeout=300) == 0
     assert not [p for p in root().iterdir() if p.name.endswith(".partial")]
 
 
@@ -578,7 +518,7 @@ def test_one_bad_job_fails_alone_and_the_sweep_ends_with_the_count(workspace):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "tunelab: 1 job(s) of the sweep failed" in proc.stderr
-    runs = store_runs(workspace)
+    runs = workspace.runs()
     (parent,) = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"

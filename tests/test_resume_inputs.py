@@ -7,11 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import TINY, Workspace, run_cli
+from tests.helpers import TINY_MODEL, Workspace, run_cli
 from tunelab import artifacts
 
-# The tiny model from config, without the addition data's keys.
-MODEL = [o for o in TINY if not o.startswith(("data.digits", "data.train_size", "data.eval_size"))]
+MODEL = TINY_MODEL
 STEPS = ["training.max_steps=8", "checkpoint=steps", "checkpoint.every=4", "checkpoint.keep=2"]
 
 

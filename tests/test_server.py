@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import committed_steps, env, run_cli, runs_of, tiny, tunelab, wait_for
+from tests.helpers import committed_steps, env, run_cli, runs_of, tiny, tunelab, wait_for
 from tunelab import manifests
 from tunelab import teamserver as team_server
 from tunelab.errors import ServerError

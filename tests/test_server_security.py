@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env, run_cli, runs_of, tiny
+from tests.helpers import env, run_cli, runs_of, tiny
 from tests.test_server import _state_dir
 from tunelab import manifests
 from tunelab import teamserver as team_server

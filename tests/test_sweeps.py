@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import env, run_cli, runs_of, tiny, tunelab
+from tests.helpers import env, run_cli, runs_of, tiny, tunelab
 
 
 def _has_cuda() -> bool:
@@ -128,10 +128,11 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
     while time.monotonic() < deadline and first is None:
         assert proc.poll() is None, "the sweep ended before it was killed"
         time.sleep(0.1)
-        found = list((workspace.root / "outputs").rglob("seed-1/model/manifest.json"))
-        # A *committed* checkpoint of the second job (its manifest is written last).
-        pattern = "seed-2/checkpoints/checkpoint-*/manifest.json"
-        second_ckpts = list((workspace.root / "outputs").rglob(pattern))
+        found = list((workspace.root / "outputs").glob("*/sweeps/*/seed-1/model/manifest.json"))
+        # A *committed* checkpoint of the second job (its manifest is written last). Not rglob:
+        # it would walk into the data cache while its entries are renamed.
+        pattern = "*/sweeps/*/seed-2/checkpoints/checkpoint-*/manifest.json"
+        second_ckpts = list((workspace.root / "outputs").glob(pattern))
         if found and second_ckpts:
             first = found[0]
     assert first is not None, "the first job finished and the second started"
@@ -139,7 +140,7 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
     proc.wait()
     stamp = first.stat().st_mtime_ns
     record = json.loads((sweep_dir(workspace) / "sweep.json").read_text())
-    assert not list((workspace.root / "outputs").rglob("seed-2/model/manifest.json"))
+    assert not list((workspace.root / "outputs").glob("*/sweeps/*/seed-2/model/manifest.json"))
 
     rerun = run_cli(*command, cwd=workspace.root)
     assert first.stat().st_mtime_ns == stamp  # the finished job was not trained again
@@ -236,7 +237,7 @@ def test_a_store_lost_mid_sweep_ends_it_non_zero_saying_so(tmp_path):
 
     import psutil
 
-    from tests.conftest import Background, free_port, new_workspace, wait_for
+    from tests.helpers import Background, free_port, new_workspace, wait_for
 
     port = free_port()
     server = Background(

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run_cli as cli_run
-from tunelab import checkpoints, cli, config, data, manifests, preflight, runner
+from tests.helpers import run_cli as cli_run
+from tests.helpers import run_here
+from tunelab import checkpoints, cli, config, data, manifests
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "terrible", "horrible", "poor", "dreadful"]
@@ -64,11 +65,9 @@ def train(tmp_path: Path, *overrides: str):
         "data.max_length=16", "training.max_steps=12", "training.eval_every=6",
         "training.batch_size=16", "training.eval_batch_size=32", "training.lr=5e-4",
         "training.warmup_steps=0", "training.log_every=6", "training.progress_bar=false",
-        f"output.root={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
     ]  # fmt: skip
-    cfg = config.compose([*every, *overrides])
-    assert preflight.job_problems(cfg) == []
-    return runner.run(cfg, tmp_path / "run", [*every, *overrides])
+    where = [f"output.root={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    return run_here([*every, *overrides], tmp_path / "run", *where)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +229,7 @@ def test_numbers_with_fractions_make_a_regression(minilm, tmp_path):
 
 
 def test_a_decoder_used_as_a_classifier_gets_its_pad_token(tmp_path):
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     tiny = [o for o in TINY if o.startswith(("model.arch", "training."))]
     rows = sentiment(64, 0)
@@ -364,7 +363,7 @@ def test_checkpoint_metrics_follow_the_task(task, metric, ok):
 @pytest.mark.slow  # a real scoring server
 def test_mlflow_models_serve_answers_inputs_with_label_names(classifier, tmp_path):
     """The Logged Model, served by `mlflow models serve`, takes {"inputs": [...]}."""
-    from tests.conftest import invoke, served_model
+    from tests.helpers import invoke, served_model
 
     tmp, result = classifier
     uri = f"sqlite:///{tmp / 'm.db'}"

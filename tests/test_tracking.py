@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import Workspace, free_port, new_workspace, run_cli, runs_of, tiny, tunelab
+from tests.helpers import Workspace, free_port, new_workspace, run_cli, runs_of, tiny, tunelab
 from tests.test_train import EXPECTED_FILES, PROMPT, continuation
 from tunelab import artifacts, files, manifests
 

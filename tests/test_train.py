@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, env, invoke, new_workspace, runs_of, served_model
+from tests.helpers import TINY, env, invoke, new_workspace, runs_of, served_model
 from tunelab import manifests
 from tunelab.tasks import causal_lm
 from tunelab.tracking.logged_model import MLFLOW_FILES
@@ -382,7 +382,7 @@ def test_finetune_a_local_model_on_jsonl_files(trained, workspace):
     evaluation = workspace.root / "eval.jsonl"
     evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
     tiny = [o for o in TINY if not o.startswith(("model.", "data."))]
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     run_cli(
         "train",
