@@ -55,6 +55,14 @@ TOOL_NAMES = ("runs", "export", "generate", "predict", "ui", "cache", "server") 
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        launch.note_exit(exc.code)  # a worker of `tunelab launch` tells it the code it chose
+        raise
+
+
+def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")

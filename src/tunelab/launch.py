@@ -15,10 +15,19 @@ differs is only the end:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, NoReturn
+
+# A directory where each worker notes the exit code it chose (it has said why): the launcher
+# exits with it even when its agent lost the rendezvous first (the peer that hosted it left).
+SAID = "TUNELAB_LAUNCH_SAID"
 
 
 def main(argv: list[str]) -> NoReturn:
@@ -32,13 +41,31 @@ def main(argv: list[str]) -> NoReturn:
         if name.startswith(torch_loggers) and isinstance(logger, logging.Logger):
             logger.setLevel(logging.CRITICAL)
     code = 0
+    said = Path(tempfile.mkdtemp(prefix="tunelab-launch-"))
+    os.environ[SAID] = str(said)  # the workers inherit it
     try:
         torchrun.run(args)
     except KeyboardInterrupt:  # before the agent installed its own handlers
         code = 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 (torchrun's errors, each made one line)
-        code = _failed(exc)
+        code = _failed(exc, said)
+    finally:
+        shutil.rmtree(said, ignore_errors=True)
     raise SystemExit(code)
+
+
+def note_exit(code: object) -> None:
+    """In a worker of `tunelab launch`: the exit code it chose, having said why."""
+    folder = os.environ.get(SAID)
+    if folder and isinstance(code, int) and code > 0:
+        with contextlib.suppress(OSError):  # the launcher is gone: nobody to tell
+            (Path(folder) / os.environ.get("RANK", "0")).write_text(str(code))
+
+
+def _said(folder: Path) -> int | None:
+    """The exit code a worker of this node chose (the lowest rank's), if one did."""
+    codes = sorted((int(p.name), p.read_text()) for p in folder.glob("*") if p.name.isdigit())
+    return int(codes[0][1]) if codes and codes[0][1].isdigit() else None
 
 
 def _parse(torchrun: Any, argv: list[str]) -> Any:
@@ -58,12 +85,14 @@ def _parse(torchrun: Any, argv: list[str]) -> Any:
     return args
 
 
-def _failed(exc: Exception) -> int:
+def _failed(exc: Exception, said: Path) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if isinstance(exc, SignalException):  # the workers were sent the same signal and stopped
         return 128 + int(exc.sigval)
+    if not isinstance(exc, ChildFailedError) and (code := _said(said)) is not None:
+        return code  # a worker stopped by itself, having said why; then the rendezvous went
     if not isinstance(exc, ChildFailedError):  # rendezvous, a port taken, a bad option value
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"tunelab launch: {type(exc).__name__}: {first}", file=sys.stderr)
