@@ -357,7 +357,8 @@ def test_a_launch_refused_by_the_lock_stops_every_rank_and_touches_nothing(tmp_p
     command launched on 2 nodes: rank 0 is refused by the lock and says so; rank 1 stops
     with it and never cleans up the live run's uncommitted checkpoint; the live run finishes."""
     ws = new_workspace(tmp_path / "ws", empty_store)
-    live = ws.popen(*COMMAND, "training.max_steps=10", TUNELAB_TEST_COMMIT_DELAY="12")
+    go = tmp_path / "go"  # the live run's checkpoints wait for it: the launch below is refused
+    live = ws.popen(*COMMAND, "training.max_steps=10", TUNELAB_TEST_COMMIT_UNTIL=str(go))
     run_dir = lambda: ws.run_dir()  # noqa: E731
     wait_for(
         lambda: ws.run_dirs() and any(run_dir().glob("checkpoints/.checkpoint-*.partial")), live
@@ -372,6 +373,7 @@ def test_a_launch_refused_by_the_lock_stops_every_rank_and_touches_nothing(tmp_p
     assert any(run_dir().glob("checkpoints/.checkpoint-*.partial")) or committed_steps(
         run_dir() / "checkpoints"
     ), "the live run's checkpoint was removed"
+    go.touch()
     out = live.communicate(timeout=300)[0]
     assert live.returncode == 0, out[-3000:]
     client, (run,) = runs_of(ws)
