@@ -148,9 +148,10 @@ def _on_every_rank(problems: list[str]) -> list[str]:
     return list(everyone[0]) or named
 
 
-def train_job(cfg: DictConfig) -> float | None:
+def train_job(cfg: DictConfig) -> float | dict[str, float] | None:
     """One job (Hydra's task function): checked unless preflight already did, then handed to
-    the runner. Returns the job's objective, for Hydra's sweepers. A single run that fails
+    the runner. Returns the job's objective, for Hydra's sweepers (a pruned trial: where it was
+    pruned). A single run that fails
     prints one line and exits (2 for bad config or data, 1 otherwise); in a sweep the job's
     failure is noted beside it, counted on the parent, and the other jobs go on."""
     distributed.from_slurm_tasks()
@@ -158,7 +159,13 @@ def train_job(cfg: DictConfig) -> float | None:
     job = sweeps.current_job()
     try:
         preflight.require_valid(cfg)  # unless preflight checked it (not a sweeper's choice)
-        result = runner.run(cfg, job.run_dir, job.overrides, tags=job.tags, name=job.name)
+        result = runner.run(
+            cfg, job.run_dir, job.overrides, tags=job.tags, name=job.name, trial=job.trial
+        )
+    except errors.TrialPruned as exc:
+        if distributed.is_main():
+            print(f"tunelab: trial {job.num} ({job.name}) {exc}")
+        return {"pruned_at": exc.step, "value": exc.value}  # the sweeper tells the study
     except Exception as exc:
         known = _known_failure(exc)
         if job.in_sweep:

@@ -103,6 +103,15 @@ class RankStopped(TunelabError):
         return []
 
 
+class TrialPruned(Exception):  # noqa: N818 (Optuna's name for the same event)
+    """Not a failure: the sweep's pruner stopped this trial's job at `step` (a checkpoint was
+    written there), judging `metric`'s `value` hopeless beside the other trials'."""
+
+    def __init__(self, step: int, value: float, metric: str) -> None:
+        self.step, self.value, self.metric = step, value, metric
+        super().__init__(f"pruned at step {step} ({metric}={value:.4g})")
+
+
 def exit_code(exc: BaseException) -> int:
     """The exit code a process stopped by `exc` ends with (1 for anything unknown)."""
     return int(exc.exit_code) if isinstance(exc, TunelabError) else 1

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tunelab import config, distributed, locks, startpoint, tracking
+from tunelab.sweeps.study import TrialRef
 
 
 def run(
@@ -22,11 +23,14 @@ def run(
     tags: dict[str, str] | None = None,
     name: str | None = None,
     callbacks: Sequence[Any] = (),
+    trial: TrialRef | None = None,
 ) -> RunResult:
     """Train one model as the validated `cfg` says, continuing from the run directory's newest
     valid checkpoint when there is one; write its artifact to `run_dir/model`; track it.
-    `callbacks`: extra Trainer callbacks. One process at a time per run directory: another is
-    refused at once (errors.Busy). Under torchrun every rank runs this."""
+    `callbacks`: extra Trainer callbacks; `trial`: the Optuna trial this run is (it reports to
+    it, and raises errors.TrialPruned when pruned, its checkpoint written). One process at a
+    time per run directory: another is refused at once (errors.Busy). Under torchrun every
+    rank runs this."""
     # The one import of tunelab's own inside a function here: the stages import the Trainer and
     # its callbacks (transformers), so they load when a run starts, never for the CLI's answers.
     from tunelab import stages
@@ -51,8 +55,9 @@ def run(
         ):
             model = stages.build_model(cfg, inputs, tracked.tracker)
             trainer = stages.build_trainer(
-                cfg, run_dir, model, inputs, tracked.tracker, [stopper, *callbacks]
-            )
+                cfg, run_dir, model, inputs, tracked.tracker,
+                [stopper, *stages.trial_callbacks(cfg, trial), *callbacks],
+            )  # fmt: skip
             final = stages.train(trainer, start, stopper)
             published = stages.publish(cfg, run_dir, name, overrides, resolved, start, inputs,
                                        model, trainer, final, tracked)  # fmt: skip

@@ -5,7 +5,7 @@ the benchmarks and tests call the same ones instead of wiring a run by hand):
     tracked_run    the MLflow run (rank 0's, new or continued), ended FINISHED/FAILED/KILLED
     build_model    weights from the seed or the base, the adapter for peft=lora
     build_trainer  the checkpointing Trainer with tunelab's callbacks
-    train          to max_steps, or to the checkpoint a signal asked for
+    train          to max_steps, or to the checkpoint a signal (or a sweep's pruner) asked for
     publish        the artifact on disk, then its outcome and model in MLflow
 
 This module subclasses nothing, but imports the modules that subclass transformers' classes
@@ -40,6 +40,8 @@ from tunelab import model as models
 from tunelab.arguments import training_arguments
 from tunelab.checkpoints.signals import Interrupted, StopOnSignal
 from tunelab.checkpoints.trainer import CheckpointingTrainer
+from tunelab.sweeps.pruning import PruneCallback
+from tunelab.sweeps.study import TrialRef
 from tunelab.tracking.callback import TrackingCallback
 
 log = logging.getLogger("tunelab")
@@ -180,6 +182,13 @@ def build_trainer(
     return trainer
 
 
+def trial_callbacks(cfg: DictConfig, trial: TrialRef | None) -> list[Any]:
+    """The callback of an Optuna trial's job (it reports and may prune), or none."""
+    if trial is None:
+        return []
+    return [PruneCallback(trial, cfg.training.eval_every, cfg.training.max_steps)]
+
+
 def train(
     trainer: CheckpointingTrainer, start: startpoint.Start, stopper: StopOnSignal
 ) -> dict[str, float]:
@@ -190,6 +199,9 @@ def train(
     out = trainer.train(resume_from_checkpoint=resume)
     if stopper.received and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(stopper.received)  # checkpointed at the step boundary
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, PruneCallback) and callback.pruned is not None:
+            raise callback.pruned  # checkpointed at the evaluation that pruned it
     final = dict(out.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config.compose import compose, composer
 from tunelab.config.naming import key_of
+from tunelab.constants import OPTUNA_SWEEPER, PRUNERS, STUDY_STORES
 from tunelab.errors import ConfigError, first_line
 
 _RUN_FLAGS = ("-m", "--multirun")
@@ -42,9 +43,12 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
             swept[o.get_key_element()] = _candidates(o)
     with composer(return_hydra_config=True) as compose_one:
         sweeper = compose_job(compose_one, common).hydra.sweeper
+    if problems := sweeper_problems(sweeper):
+        raise ConfigError(problems)
     params = sweeper.get("params") or {}
+    given = {o.get_key_element() for o in parsed}
     for key, spec in params.items():
-        if key not in swept:
+        if key not in given:  # the command line's value of a key wins over the preset's
             (o,) = _parse([f"{key}={spec}"])
             swept[o.get_key_element()] = _candidates(o) if o.is_sweep_override() else [str(spec)]
     if not swept:
@@ -59,6 +63,31 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
         for key in keys
         for value in swept[key]
     ]
+
+
+def sweeper_problems(sweeper: Any) -> list[str]:
+    """What is wrong with tunelab's Optuna sweeper's settings (none for another sweeper)."""
+    if str(sweeper.get("_target_", "")) != OPTUNA_SWEEPER:
+        return []
+    found = []
+    if sweeper.pruner not in PRUNERS:
+        found.append(
+            f"hydra.sweeper.pruner: {sweeper.pruner!r} is not a pruner; use one of "
+            + ", ".join(PRUNERS)
+        )
+    storage = sweeper.storage
+    if storage is not None and not str(storage).startswith(STUDY_STORES):
+        found.append(
+            f"hydra.sweeper.storage: {str(storage).split('://')[0]}:// cannot hold a study "
+            "shared by workers; use sqlite:///ABS/PATH.db (one machine) or "
+            "postgresql://USER@HOST/DB (several machines)"
+        )
+    for key in ("n_trials", "n_jobs"):
+        if int(sweeper[key]) < 1:
+            found.append(f"hydra.sweeper.{key}: {sweeper[key]}; give 1 or more")
+    if int(sweeper.max_retry) < 0:
+        found.append(f"hydra.sweeper.max_retry: {sweeper.max_retry}; give 0 or more")
+    return found
 
 
 def compose_job(compose_one: Callable[[list[str]], DictConfig], overrides: list[str]) -> DictConfig:

@@ -1,4 +1,5 @@
-"""Sweeps: one MLflow parent run per multirun, one child run per job, the best job on the parent.
+"""The sweep's MLflow parent run: created (or found again) before any job starts, its children
+ranked at the end, the best on the parent; and the Hydra callback that wraps a multirun in it.
 
 The sweep's directory is derived from its overrides (like a run's), so the identical `-m` command
 lands in the same directory, finds `sweep.json` and attaches to the same parent run; each job's
@@ -10,35 +11,20 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tunelab import config, files, tracking
-from tunelab import metrics as tunelab_metrics
+from tunelab import config, tracking
+from tunelab.constants import OPTUNA_SWEEPER
 from tunelab.errors import first_line
+from tunelab.sweeps.records import failures, parent_run_id, write_record
 from tunelab.tracking import store
 from tunelab.tracking.liveness import process_tags
 
 log = logging.getLogger("tunelab")
-
-SWEEP_RECORD = "sweep.json"
-
-
-def objective_name(cfg: Any, metrics: dict[str, float], has_completions: bool) -> str:
-    """`sweep.objective`, else the task's default objective among the run's `metrics`."""
-    if cfg.sweep.objective:
-        return str(cfg.sweep.objective)
-    return tunelab_metrics.default_objective(cfg.model.task, has_completions, metrics)
-
-
-def direction(cfg: Any, objective: str) -> str:
-    """minimize or maximize: `sweep.direction`, else what the objective's name says."""
-    return tunelab_metrics.optuna_direction(objective, cfg.sweep.direction)
 
 
 def job_count(task_overrides: list[str]) -> int | None:
@@ -56,9 +42,14 @@ def job_count(task_overrides: list[str]) -> int | None:
 
 
 def sweep_overrides(cfg: DictConfig) -> list[str]:
-    """The command line's overrides plus the sweeper's `params` (a preset's search space)."""
+    """The command line's overrides plus the sweeper's `params` (a preset's search space) for
+    the keys the command line does not set."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(cfg.hydra.overrides.task)
+    given = {o.get_key_element() for o in OverridesParser.create().parse_overrides(task)}
     params = cfg.hydra.sweeper.get("params") or {}
-    return [*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    return [*task, *(f"{k}={v}" for k, v in params.items() if k not in given)]
 
 
 def pin_sweep(overrides: list[str], resume: str) -> None:
@@ -71,81 +62,8 @@ def pin_sweep(overrides: list[str], resume: str) -> None:
     config.set_sweep(config.run_dir_name(overrides, resume), swept)
 
 
-def parent_run_id(sweep_dir: str | Path) -> str | None:
-    return files.read_json(Path(sweep_dir) / SWEEP_RECORD).get("parent_run_id")
-
-
-@dataclass
-class Job:
-    """The Hydra job running now, as tunelab runs it: its directory and overrides; in a
-    multirun its number, its name (what sets it apart from its siblings) and the tags that hang
-    its MLflow run under the sweep's parent."""
-
-    run_dir: Path
-    overrides: list[str]
-    in_sweep: bool = False
-    num: int = 0
-    name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def current_job() -> Job:
-    """The job Hydra is running (a single run, or a sweep's job, whose earlier failure note is
-    cleared: it is tried again)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    job = Job(Path(hc.runtime.output_dir), list(hc.overrides.task))
-    if hc.mode != RunMode.MULTIRUN:
-        return job
-    job.in_sweep, job.num = True, int(hc.job.num)
-    job.name = config.job_name(hc.overrides.task)
-    job.tags = {"tunelab.sweep_id": Path(hc.sweep.dir).name, "tunelab.job_num": str(hc.job.num)}
-    parent = parent_run_id(hc.sweep.dir)
-    if parent:
-        job.tags["mlflow.parentRunId"] = parent
-    clear_failure(job.run_dir)
-    return job
-
-
-def job_failed(job: Job, why: str) -> None:
-    """A sweep's job failed: said in one line, noted beside it and counted on the parent; the
-    other jobs go on."""
-    print(f"tunelab: job {job.num} ({job.name}) failed: {why}", file=sys.stderr)
-    record_failure(job.run_dir, job.name or job.run_dir.name, why)
-
-
-def job_released(job: Job) -> None:
-    """After a job: its model and data released before the next job of a sequential sweep."""
-    import gc
-
-    gc.collect()
-    if job.in_sweep:
-        import psutil
-
-        rss = psutil.Process().memory_info().rss / 2**20
-        log.info("job %d released: process RSS %.1f MiB", job.num, rss)
-
-
-FAILURE = "tunelab_failed.json"  # in a job's directory: why the job failed, until it succeeds
 _failed = 0  # jobs of the last multirun of this process that failed (for the exit status)
 _unrecorded: str | None = None  # why the last multirun's end could not be recorded, if it could not
-
-
-def record_failure(job_dir: Path, name: str, why: str) -> None:
-    """Note beside the job why it failed: counted on the parent even when the job failed
-    before its own MLflow run existed (bad data, a model that does not load)."""
-    files.write_json(Path(job_dir) / FAILURE, {"name": name, "error": why})
-
-
-def clear_failure(job_dir: Path) -> None:
-    (Path(job_dir) / FAILURE).unlink(missing_ok=True)
-
-
-def failures(sweep_dir: Path) -> list[dict[str, str]]:
-    found = [files.read_json(p) for p in sorted(Path(sweep_dir).glob(f"*/{FAILURE}"))]
-    return [f for f in found if f]
 
 
 def failed_jobs() -> int:
@@ -164,9 +82,12 @@ def forget_failures() -> None:
     _failed, _unrecorded = 0, None
 
 
-def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) -> str | None:
+def start_parent(
+    cfg: DictConfig, sweep_dir: Path, task_overrides: list[str], previous: str | None = None
+) -> str | None:
     """Create the store, the experiment and the parent run before any job starts (parallel jobs
-    then never race to create them), or reattach to the parent run of an earlier attempt."""
+    then never race to create them), or reattach to the parent run of an earlier attempt
+    (`previous`, else the one the sweep directory records) or of another worker."""
     if cfg.tracking.backend == "none":
         return None
     name = config.run_name(task_overrides)
@@ -180,16 +101,15 @@ def start_parent(cfg: DictConfig, sweep_dir: Path, task_overrides: list[str]) ->
     jobs = job_count(task_overrides)
     if jobs is not None:
         tags["tunelab.sweep_jobs"] = str(jobs)
-    previous = parent_run_id(sweep_dir)
+    previous = previous or parent_run_id(sweep_dir)
     uri = store.resolve_uri(cfg.tracking.uri)
     store.check_reachable(uri)
     parent = tracking.MlflowTracker(
         uri, cfg.tracking.experiment, f"sweep:{name}", tags, previous, reopen_finished=True
     )
     parent.describe(f"sweep over {' '.join(task_overrides)} ({jobs or '?'} jobs)")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     record = {"parent_run_id": parent.run_id, "name": name, "overrides": task_overrides}
-    files.write_json(sweep_dir / SWEEP_RECORD, record)
+    write_record(sweep_dir, record)
     return parent.run_id
 
 
@@ -258,6 +178,8 @@ def children(client: Any, parent_id: str) -> list[dict[str, Any]]:
                 "objective": None if run.info.status != "FINISHED" else value,
                 "maximize": run.data.tags.get("tunelab.objective_direction") == "maximize",
                 "error": run.data.tags.get("tunelab.error", ""),
+                "trial_state": run.data.tags.get("tunelab.trial_state"),
+                "pruned_at_step": run.data.tags.get("tunelab.pruned_at_step"),
             }
         )
     ranked = sorted(
@@ -298,6 +220,8 @@ def summary(jobs: list[dict[str, Any]]) -> str:
     for rank, job in zip(itertools.count(1), jobs):
         if job["objective"] is not None:
             score = f"{job['objective_name']}={job['objective']:.4g}"
+        elif job.get("trial_state") == "PRUNED":
+            score = f"PRUNED at step {job.get('pruned_at_step') or '?'}"
         else:
             score = f"{job['status']}: {job['error'][:200]}"
         lines.append(f"  {rank:>3}. {job['name']}  ->  {score}  [{job['run_id']}]")
@@ -314,7 +238,9 @@ class SweepCallback(Callback):
         pin_sweep(overrides, str(config.get("resume", "auto")))
         # Hydra sets this only per job; the sweep's own paths resolve against it too.
         HydraConfig.instance().set_config(config)
-        start_parent(config, Path(HydraConfig.get().sweep.dir), overrides)
+        if str(config.hydra.sweeper.get("_target_", "")) != OPTUNA_SWEEPER:
+            start_parent(config, Path(HydraConfig.get().sweep.dir), overrides)
+        # else the sweeper does, with its study locked: its workers share one parent
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -329,3 +255,20 @@ class SweepCallback(Callback):
             _unrecorded = first_line(exc)
             jobs = [_untracked(f) for f in failures(sweep_dir)]
         print(summary(jobs))
+
+
+def mark_trial(cfg: DictConfig, parent_id: str, number: int, state: str) -> None:
+    """Tag the child run of Optuna trial `number` with the state the study holds for it
+    (COMPLETE, PRUNED, FAIL), so the UI can filter the search's runs by it."""
+    if cfg.tracking.backend == "none":
+        return
+    client = store.client_for(cfg.tracking.uri)
+    found = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_id}' and tags.`tunelab.trial_number` = '{number}'"
+        ),
+        max_results=5,
+    )
+    for run in found:
+        client.set_tag(run.info.run_id, "tunelab.trial_state", state)

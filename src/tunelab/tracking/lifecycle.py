@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import manifests
+from tunelab.errors import TrialPruned
 from tunelab.tracking import store
 from tunelab.tracking.liveness import repair_stale
 from tunelab.tracking.lost_store import CLIENT_SETTINGS
@@ -66,7 +67,8 @@ def open_run(
 def recording(
     tracker: Tracker, defer_signals: Callable[[], AbstractContextManager[Any]] = nullcontext
 ) -> Iterator[None]:
-    """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C).
+    """End the run with FINISHED, FAILED (exception, with the error as a tag) or KILLED (Ctrl-C,
+    or pruned by a sweep's pruner: tagged `tunelab.trial_state=PRUNED`).
     `defer_signals`: a block in which a further Ctrl-C/SIGTERM waits until the block ends (the
     run ends stopped anyway), so the run's status is always written rather than left RUNNING."""
     status, error = "FINISHED", None
@@ -74,6 +76,10 @@ def recording(
         yield
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT after the checkpoint
         status, error = "KILLED", str(exc) or "interrupted (Ctrl-C)"
+        raise
+    except TrialPruned as exc:  # KILLED, as MLflow's own Optuna storage ends a pruned trial
+        status = "KILLED"
+        tracker.set_tags({"tunelab.trial_state": "PRUNED", "tunelab.pruned_at_step": exc.step})
         raise
     except BaseException as exc:
         status, error = "FAILED", f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,196 @@
+"""Optuna searches that think: pruned trials, workers sharing one study, dead workers' trials
+asked again. Real studies (sqlite), real MLflow stores, real processes and kill -9."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import committed_steps, env, run_cli, runs_of, tiny, wait_for
+
+# 4 trials of 40 steps, evaluated every 10; the median pruner judges from the first complete
+# trial on. A random sampler (seeded) over a wide learning-rate range: some trials are far
+# worse than the first at their first evaluation.
+SEARCH = [
+    "hparams_search=addition_optuna",
+    "hydra.sweeper.sampler=random",
+    "hydra.sweeper.n_trials=4",
+    "training.lr=tag(log, interval(1e-6, 3e-2))",  # the command line wins over the preset
+    "training.batch_size=32",
+    "training.max_steps=40",
+    "training.eval_every=10",
+    "training.warmup_steps=0",
+    "checkpoint=steps",
+    "checkpoint.every=10",
+]
+PRUNED = ["hydra.sweeper.pruner=median", "hydra.sweeper.pruning.n_startup_trials=1"]
+
+
+def search_args(ws, *overrides: str) -> list[str]:
+    return ["train", "-m", *ws.base(), *tiny(*SEARCH, *overrides)]
+
+
+def the_study(ws):
+    import optuna
+
+    (db,) = (ws.root / "outputs" / "tunelab" / "sweeps").glob("*/optuna.db")
+    return optuna.load_study(study_name="tunelab", storage=f"sqlite:///{db}")
+
+
+def children(ws):
+    _, runs = runs_of(ws)
+    kids = {
+        int(r.data.tags["tunelab.trial_number"]): r
+        for r in runs
+        if "mlflow.parentRunId" in r.data.tags
+    }
+    parents = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
+    return parents, kids
+
+
+def test_a_pruned_trial_stops_at_its_evaluation_and_says_so_in_the_study_and_in_mlflow(workspace):
+    from optuna.trial import TrialState
+
+    first = run_cli(*search_args(workspace, *PRUNED), cwd=workspace.root)
+    study = the_study(workspace)
+    states = {t.number: t.state for t in study.trials}
+    assert len(states) == 4, states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert pruned and complete, states
+    parents, kids = children(workspace)
+    assert len(parents) == 1 and sorted(kids) == [0, 1, 2, 3]
+    client, _ = runs_of(workspace)
+    for trial in pruned:
+        step = max(trial.intermediate_values)
+        assert step < 40  # stopped before its end
+        run = kids[trial.number]
+        assert run.info.status == "KILLED"
+        assert run.data.tags["tunelab.trial_state"] == "PRUNED"
+        assert run.data.tags["tunelab.pruned_at_step"] == str(step)
+        # Its metric history runs to the pruning step, and it is on disk as a checkpoint.
+        history = client.get_metric_history(run.info.run_id, "eval_loss")
+        assert max(m.step for m in history) == step
+        # The reported value is eval_loss, negated for this maximizing study.
+        assert trial.intermediate_values[step] == pytest.approx(-history[-1].value, rel=1e-6)
+        run_dir = Path(run.data.tags["tunelab.run_dir"])
+        assert committed_steps(run_dir / "checkpoints")[-1] == step
+        assert not (run_dir / "model").exists()
+        assert f"trial {trial.number} " in first.stdout and f"pruned at step {step}" in first.stdout
+    for trial in complete:
+        run = kids[trial.number]
+        assert run.info.status == "FINISHED" and run.data.tags["tunelab.trial_state"] == "COMPLETE"
+        assert sorted(trial.intermediate_values) == [10, 20, 30, 40]
+        assert run.data.metrics["eval_exact_match"] == pytest.approx(trial.value)
+    assert "PRUNED at step" in first.stdout  # the summary
+    # The same command again: the study is done (pruned trials count), nothing is resumed.
+    again = run_cli(*search_args(workspace, *PRUNED), cwd=workspace.root)
+    assert "Launching" not in again.stdout
+    assert [t.state for t in the_study(workspace).trials] == [states[n] for n in range(4)]
+
+
+def _claimer(url: str, n_trials: int, out: multiprocessing.Queue) -> None:
+    import optuna
+
+    from tunelab.sweeps import study as studies
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="race", storage=studies.storage(url))
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    mine = []
+    while (got := studies.claim(study, url, space, n_trials, max_retry=0)) is not None:
+        if got == studies.WAIT:
+            time.sleep(0.05)
+            continue
+        mine.append(got.number)
+        study.tell(got.number, got.params["x"])
+    out.put(mine)
+
+
+def test_workers_racing_for_trials_claim_exactly_n_trials_between_them(tmp_path):
+    """4 processes claim from one sqlite study as fast as they can: 25 trials in all, each
+    claimed once."""
+    import optuna
+
+    from tunelab.sweeps import study as studies
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="race", storage=studies.storage(url))
+    out: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
+    procs = [
+        multiprocessing.get_context("spawn").Process(target=_claimer, args=(url, 25, out))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    claimed = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    numbers = sorted(n for mine in claimed for n in mine)
+    assert numbers == list(range(25)), claimed
+    assert sum(1 for mine in claimed if mine) >= 2  # they did race
+    assert len(optuna.load_study(study_name="race", storage=url).trials) == 25
+
+
+def _search_process(ws, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunelab", *search_args(ws, *overrides)],
+        cwd=ws.root,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_same_command_twice_at_once_is_two_workers_of_one_study(workspace):
+    """Two `-m` processes started together: 4 trials in all, none twice, one parent run that
+    all 4 children hang under, and both processes ran trials."""
+    more = ["training.max_steps=60"]
+    procs = [_search_process(workspace, *more) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    study = the_study(workspace)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
+    pids = {t.user_attrs["tunelab.worker"]["tunelab.pid"] for t in study.trials}
+    assert pids == {str(p.pid) for p in procs}, pids
+    parents, kids = children(workspace)
+    assert len(parents) == 1 and sorted(kids) == [0, 1, 2, 3]
+    assert {k.data.tags["mlflow.parentRunId"] for k in kids.values()} == {parents[0].info.run_id}
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_9_leaves_its_trial_to_be_asked_again_and_resumed(workspace):
+    """kill -9 during a trial's job (after its first checkpoint): the same command fails that
+    trial at once (its worker's process is gone), asks it again with the same parameters, and
+    the new trial's job resumes from the checkpoint; 4 trials count in all."""
+    from optuna.trial import TrialState
+
+    from tunelab.sweeps import study as studies
+
+    slow = ["training.max_steps=200", "checkpoint.every=20"]
+    proc = _search_process(workspace, *slow)
+    sweeps = workspace.root / "outputs" / "tunelab" / "sweeps"
+    wait_for(lambda: any(sweeps.glob("*/*/checkpoints/checkpoint-20/manifest.json")), proc, 300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = [t for t in the_study(workspace).trials if t.state == TrialState.RUNNING]
+    rerun = run_cli(*search_args(workspace, *slow), cwd=workspace.root)
+    assert "resuming from" in rerun.stdout + rerun.stderr
+    study = the_study(workspace)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed.number].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.user_attrs.get(studies.RETRY_OF) == killed.number]
+    assert retry.params == killed.params and retry.state == TrialState.COMPLETE
+    assert len(studies.counted(study)) == 4
+    assert {t.state for t in studies.counted(study)} == {TrialState.COMPLETE}
