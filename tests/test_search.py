@@ -54,6 +54,39 @@ def children(ws):
     return parents, kids
 
 
+def picture_of(ws, parent_id: str) -> Path:
+    """The parent run's `sweep/` artifacts, downloaded."""
+    from mlflow.artifacts import download_artifacts
+
+    out = ws.root / "picture"
+    download_artifacts(run_id=parent_id, artifact_path="sweep", dst_path=str(out),
+                       tracking_uri=ws.uri)  # fmt: skip
+    return out / "sweep"
+
+
+def test_a_grid_sweep_gets_the_table_and_the_plots(workspace):
+    run_cli("train", "-m", *workspace.base(),
+            *tiny("training.lr=1e-3,1e-2", "training.max_steps=20", "training.eval_every=10",
+                  "checkpoint=none"), cwd=workspace.root)  # fmt: skip
+    parents, _ = children_by_job(workspace)
+    folder = picture_of(workspace, parents[0].info.run_id)
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,training.lr,eval_exact_match,steps")
+    assert [r.split(",")[:3] for r in rows[1:]] == [
+        ["0", "COMPLETE", "0.001"],
+        ["1", "COMPLETE", "0.01"],
+    ]
+    assert [r.split(",")[4] for r in rows[1:]] == ["20", "20"]
+    for plot in ("history", "params", "curves"):
+        assert (folder / f"{plot}.png").stat().st_size > 1000, plot
+
+
+def children_by_job(ws):
+    _, runs = runs_of(ws)
+    parents = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
 def test_a_pruned_trial_stops_at_its_evaluation_and_says_so_in_the_study_and_in_mlflow(workspace):
     from optuna.trial import TrialState
 
@@ -89,6 +122,23 @@ def test_a_pruned_trial_stops_at_its_evaluation_and_says_so_in_the_study_and_in_
         assert sorted(trial.intermediate_values) == [10, 20, 30, 40]
         assert run.data.metrics["eval_exact_match"] == pytest.approx(trial.value)
     assert "PRUNED at step" in first.stdout  # the summary
+    # The parent's picture: the table agrees with the study; the plots are PNG files.
+    folder = picture_of(workspace, parents[0].info.run_id)
+    table = (folder / "trials.csv").read_text().splitlines()
+    assert table[0].split(",")[:2] == ["number", "state"] and len(table) == 5
+    assert [row.split(",")[1] for row in table[1:]] == [states[n].name for n in range(4)]
+    for plot in ("history", "params", "curves"):
+        assert (folder / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    # best_<objective>: a point at each trial that improved on the best, the trial as its step.
+    best, expected = float("-inf"), []
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE and trial.value > best:
+            best = trial.value
+            expected.append((trial.number, trial.value))
+    history = client.get_metric_history(parents[0].info.run_id, "best_eval_exact_match")
+    points = sorted((m.step, m.value) for m in history)
+    assert [n for n, _ in points] == [n for n, _ in expected]
+    assert [v for _, v in points] == pytest.approx([v for _, v in expected])
     # The same command again: the study is done (pruned trials count), nothing is resumed.
     again = run_cli(*search_args(workspace, *PRUNED), cwd=workspace.root)
     assert "Launching" not in again.stdout

@@ -292,3 +292,5 @@ class OptunaSweeper(Sweeper):
                 parent.mark_trial(self.config, self.parent_id, claim.number, state.name)
             except Exception as exc:  # noqa: BLE001 (the study holds the truth; the tag is a view)
                 log.warning("trial %d: its run not tagged %s: %s", claim.number, state.name, exc)
+            metric = self.conf.pruning.metric or "eval_loss"
+            parent.draw_picture(self.config, self.parent_id, list(self.space), metric, self.study)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from tunelab import config, tracking
 from tunelab.constants import OPTUNA_SWEEPER
 from tunelab.errors import first_line
+from tunelab.sweeps import report
 from tunelab.sweeps.records import failures, parent_run_id, write_record
 from tunelab.tracking import store
 from tunelab.tracking.liveness import process_tags
@@ -50,6 +51,29 @@ def sweep_overrides(cfg: DictConfig) -> list[str]:
     given = {o.get_key_element() for o in OverridesParser.create().parse_overrides(task)}
     params = cfg.hydra.sweeper.get("params") or {}
     return [*task, *(f"{k}={v}" for k, v in params.items() if k not in given)]
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep's overrides vary."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+
+def draw_picture(
+    cfg: DictConfig,
+    parent_id: str,
+    swept: list[str],
+    curve_metric: str | None = None,
+    study: Any = None,
+) -> None:
+    """The parent's `sweep/` picture, refreshed; a picture that cannot be drawn is a warning,
+    never the sweep's failure."""
+    try:
+        report.refresh(cfg, parent_id, swept, curve_metric, study)
+    except Exception as exc:  # noqa: BLE001 (matplotlib, the store: the search goes on)
+        log.warning("the sweep's picture was not refreshed: %s", first_line(exc))
 
 
 def pin_sweep(overrides: list[str], resume: str) -> None:
@@ -137,9 +161,10 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
                 "tunelab.best_objective": f"{best['objective_name']}={best['objective']:.6g}",
             }
         )
-        client.log_metric(run_id, f"best_{best['objective_name']}", best["objective"])
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+    if str(cfg.hydra.sweeper.get("_target_", "")) != OPTUNA_SWEEPER:  # its sweeper drew it
+        draw_picture(cfg, run_id, swept_keys(sweep_overrides(cfg)))
     client.set_terminated(run_id, "FAILED" if jobs and not done else "FINISHED")
     return jobs
 
