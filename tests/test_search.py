@@ -244,3 +244,60 @@ def test_a_worker_killed_with_9_leaves_its_trial_to_be_asked_again_and_resumed(w
     assert retry.params == killed.params and retry.state == TrialState.COMPLETE
     assert len(studies.counted(study)) == 4
     assert {t.state for t in studies.counted(study)} == {TrialState.COMPLETE}
+
+
+def test_the_winner_is_registered_as_champion_and_loads_with_plain_transformers(
+    workspace, monkeypatch
+):
+    """sweep.register_as: the best job's model becomes version 1 of NAME@champion, which
+    downloads and loads with transformers alone; `tunelab register` adds another version under
+    another alias; `tunelab runs --sweep` names the registered version."""
+    import mlflow.artifacts
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    out = run_cli("train", "-m", *workspace.base(),
+                  *tiny("seed=1,2", "training.max_steps=6", "checkpoint=none",
+                        "sweep.objective=eval_loss", "sweep.register_as=adder"),
+                  cwd=workspace.root)  # fmt: skip
+    assert "registered as adder version 1: models:/adder@champion" in out.stdout
+    parents, kids = children_by_job(workspace)
+    best_id = parents[0].data.tags["tunelab.best_run_id"]
+    best = min(kids, key=lambda r: r.data.metrics["eval_loss"])
+    assert best.info.run_id == best_id
+    client = MlflowClient(workspace.uri)
+    version = client.get_model_version_by_alias("adder", "champion")
+    assert int(version.version) == 1 and version.run_id == best_id
+    assert version.tags["tunelab.objective"] == "eval_loss"
+    assert float(version.tags["tunelab.objective_value"]) == pytest.approx(
+        best.data.metrics["eval_loss"], rel=1e-5
+    )
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", workspace.uri)  # models:/ URIs: the registry's
+    local = mlflow.artifacts.download_artifacts("models:/adder@champion",
+                                                dst_path=str(workspace.root / "dl"),
+                                                tracking_uri=workspace.uri)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(local)
+    mine = AutoModelForCausalLM.from_pretrained(Path(best.data.tags["tunelab.run_dir"]) / "model")
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), mine.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # Any run, by hand, under another alias.
+    other = next(k for k in kids if k.info.run_id != best_id)
+    said = run_cli("register", other.info.run_id, "adder", "--alias", "challenger",
+                   "--uri", workspace.uri, cwd=workspace.root)  # fmt: skip
+    assert "adder version 2 (@challenger)" in said.stdout
+    assert client.get_model_version_by_alias("adder", "challenger").run_id == other.info.run_id
+    assert int(client.get_model_version_by_alias("adder", "champion").version) == 1
+    shown = run_cli("runs", "--sweep", parents[0].info.run_id, "--uri", workspace.uri,
+                    cwd=workspace.root)  # fmt: skip
+    assert "registered: models:/adder@champion (version 1)" in shown.stdout
+    # tunelab's own commands take the alias URI too.
+    continued = run_cli("generate", "models:/adder@champion", "12+34=", "--uri", workspace.uri,
+                        cwd=workspace.root)  # fmt: skip
+    assert continued.stdout.startswith("12+34=")
+    missing = run_cli("register", "0" * 32, "adder", "--uri", workspace.uri, cwd=workspace.root,
+                      check=False)  # fmt: skip
+    assert missing.returncode == 1 and "no run" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -28,6 +28,9 @@ commands:
                       the same run in several processes (DDP): torchrun, a line per fault
   runs                recent runs: name, status, key metrics, duration, artifact
   export RUN_ID DIR   download a run's model, ready for from_pretrained(DIR)
+  register RUN_ID NAME [--alias A]
+                      register a run's model as a new version of NAME, alias A (champion),
+                      so models:/NAME@A loads it
   generate PATH|RUN_ID PROMPT
                       load a model (directory, run id or runs:/ URI) and continue PROMPT
   predict PATH|RUN_ID TEXT...
@@ -38,8 +41,8 @@ commands:
                       a team tracking server: MLflow on PostgreSQL, proxied artifacts, on
                       127.0.0.1 (`make server`); runs use tracking.uri=http://127.0.0.1:N
 
-`runs`, `export`, `generate`, `predict` and `ui` take --uri (default: the store `train` uses:
-$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
+`runs`, `export`, `register`, `generate`, `predict` and `ui` take --uri (default: the store
+`train` uses: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
 
 examples:
   tunelab train
@@ -51,7 +54,16 @@ examples:
 """
 
 
-TOOL_NAMES = ("runs", "export", "generate", "predict", "ui", "cache", "server")  # tools.TOOLS
+TOOL_NAMES = (
+    "runs",
+    "export",
+    "register",
+    "generate",
+    "predict",
+    "ui",
+    "cache",
+    "server",
+)  # tools.TOOLS
 
 
 def main(argv: list[str] | None = None) -> None:

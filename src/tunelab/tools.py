@@ -51,8 +51,10 @@ def runs(args: list[str]) -> None:
     parser.add_argument("--sweep", default=None, help="a sweep's parent run id or name")
     opts = parser.parse_args(args)
     if opts.sweep:
-        jobs = sweeps.find_parent(opts.uri, opts.experiment, opts.sweep)
+        tags, jobs = sweeps.find_parent(opts.uri, opts.experiment, opts.sweep)
         print(sweeps.summary(jobs).replace("sweep finished, best first", f"sweep {opts.sweep}"))
+        if tags.get(sweeps.REGISTERED):
+            print(f"  registered: {tags[sweeps.REGISTERED]}")
         return
     rows = tracking.recent_runs(opts.uri, opts.experiment, opts.limit)
     if not rows:
@@ -93,6 +95,19 @@ def export(args: list[str]) -> None:
         dst.rmdir()
     tracking.download_model(opts.run, dst, opts.uri)
     print(f"exported {opts.run} to {dst} (verified against its manifest)")
+
+
+def register(args: list[str]) -> None:
+    parser = _parser("register", "Register a run's model in MLflow's Model Registry.")
+    parser.add_argument("run", help="the run id")
+    parser.add_argument("name", help="the registered model's name (created if new)")
+    parser.add_argument("--alias", default=tracking.registry.CHAMPION, help="default: champion")
+    opts = parser.parse_args(args)
+    done = tracking.registry.register(opts.uri, opts.run, opts.name, opts.alias)
+    print(
+        f"registered run {opts.run} as {done.name} version {done.version} (@{done.alias}); "
+        f"load it with {done.uri}"
+    )
 
 
 def generate(args: list[str]) -> None:
@@ -189,5 +204,5 @@ def server(args: list[str]) -> None:
     teamserver.main(args)
 
 
-TOOLS = {"runs": runs, "export": export, "generate": generate, "predict": predict, "ui": ui,
-         "cache": cache, "server": server}  # fmt: skip
+TOOLS = {"runs": runs, "export": export, "register": register, "generate": generate,
+         "predict": predict, "ui": ui, "cache": cache, "server": server}  # fmt: skip

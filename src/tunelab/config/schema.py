@@ -151,6 +151,7 @@ class TrackingSchema:
 class SweepSchema:
     objective: str | None
     direction: Annotated[str | None, Rule(choices=("min", "max"))]
+    register_as: str | None  # the registered model the best job becomes a version of
 
 
 @dataclass

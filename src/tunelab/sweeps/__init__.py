@@ -16,6 +16,7 @@ from tunelab.sweeps.jobs import (
     objective_name,
 )
 from tunelab.sweeps.parent import (
+    REGISTERED,
     SweepCallback,
     failed_jobs,
     find_parent,
@@ -26,6 +27,7 @@ from tunelab.sweeps.parent import (
 from tunelab.sweeps.records import parent_run_id
 
 __all__ = [
+    "REGISTERED",
     "Job",
     "SweepCallback",
     "current_job",

@@ -161,12 +161,33 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
                 "tunelab.best_objective": f"{best['objective_name']}={best['objective']:.6g}",
             }
         )
+    if done and cfg.sweep.get("register_as"):
+        tags[REGISTERED] = promote(cfg, run_id, done[0])
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     if str(cfg.hydra.sweeper.get("_target_", "")) != OPTUNA_SWEEPER:  # its sweeper drew it
         draw_picture(cfg, run_id, swept_keys(sweep_overrides(cfg)))
     client.set_terminated(run_id, "FAILED" if jobs and not done else "FINISHED")
     return jobs
+
+
+REGISTERED = "tunelab.registered_model"  # on the parent: where the winner was registered
+
+
+def promote(cfg: DictConfig, parent_id: str, best: dict[str, Any]) -> str:
+    """Register the best job's model as a new version of `sweep.register_as`, alias champion,
+    tagged with the sweep and its objective. Returns what the parent is tagged with."""
+    name = str(cfg.sweep.register_as)
+    tags = {
+        "tunelab.sweep_parent_run_id": parent_id,
+        "tunelab.objective": str(best["objective_name"]),
+        "tunelab.objective_value": f"{best['objective']:.6g}",
+    }
+    done = tracking.registry.register(
+        cfg.tracking.uri, best["run_id"], name, tracking.registry.CHAMPION, tags
+    )
+    print(f"tunelab: the best job is registered as {done.name} version {done.version}: {done.uri}")
+    return f"{done.uri} (version {done.version})"
 
 
 def _untracked(failure: dict[str, str]) -> dict[str, Any]:
@@ -214,13 +235,17 @@ def children(client: Any, parent_id: str) -> list[dict[str, Any]]:
     return ranked + [j for j in jobs if j["objective"] is None]
 
 
-def find_parent(uri: str | None, experiment: str, ref: str) -> list[dict[str, Any]]:
-    """The jobs of the sweep whose parent run has id `ref`, or name `ref` / `sweep:ref`."""
+def find_parent(
+    uri: str | None, experiment: str, ref: str
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The tags and the jobs of the sweep whose parent run has id `ref`, or name `ref` /
+    `sweep:ref`."""
     from mlflow.exceptions import MlflowException
 
     client = store.client_for(uri)
     try:
-        return children(client, client.get_run(ref).info.run_id)
+        run = client.get_run(ref)
+        return run.data.tags, children(client, run.info.run_id)
     except MlflowException:
         pass
     exp = client.get_experiment_by_name(experiment)
@@ -233,7 +258,7 @@ def find_parent(uri: str | None, experiment: str, ref: str) -> list[dict[str, An
                 max_results=1,
             )
             if found:
-                return children(client, found[0].info.run_id)
+                return found[0].data.tags, children(client, found[0].info.run_id)
     raise RuntimeError(f"no sweep {ref!r} in experiment {experiment!r}")
 
 

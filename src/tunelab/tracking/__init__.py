@@ -16,6 +16,7 @@
 mlflow itself is imported only inside the functions that use it."""
 
 from tunelab.constants import MODEL_URI_SCHEMES
+from tunelab.tracking import registry
 from tunelab.tracking.downloads import download_model, resolve_model
 from tunelab.tracking.lifecycle import complete_upload, open_run, recording
 from tunelab.tracking.mlflow_tracker import MlflowTracker
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_PARAM_VALUE",
     "MODEL_URI_SCHEMES",
     "MlflowTracker",
+    "registry",
     "NullTracker",
     "Tracker",
     "TrackingUnavailable",
