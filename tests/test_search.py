@@ -301,3 +301,37 @@ def test_the_winner_is_registered_as_champion_and_loads_with_plain_transformers(
                       check=False)  # fmt: skip
     assert missing.returncode == 1 and "no run" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_early_stopping_stops_after_patience_and_publishes_the_best_evaluation(workspace):
+    """The tiny model's exact match stays 0: the first evaluation (step 10) is the best, the
+    next one does not improve, so patience 1 stops the run at step 20; the artifact holds step
+    10's weights (equal to its checkpoint's), and the manifest and the summary say so."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = workspace.train("training.max_steps=60", "training.eval_every=10", "checkpoint=steps",
+                          "checkpoint.every=10", "checkpoint.keep=10",
+                          "training.early_stopping_patience=1")  # fmt: skip
+    run_dir = workspace.run_dir()
+    manifest = json.loads((run_dir / "model" / "manifest.json").read_text())
+    early = manifest["early_stopping"]
+    assert early["best_step"] == 10 and early["stopped_at_step"] == 20, early
+    assert early["metric"] == "eval_exact_match" and early["patience"] == 1
+    assert committed_steps(run_dir / "checkpoints") == [10, 20]  # it trained no further
+    final = load_file(run_dir / "model" / "model.safetensors")
+    best = load_file(run_dir / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    last = load_file(run_dir / "checkpoints" / "checkpoint-20" / "model.safetensors")
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    assert not all(torch.equal(final[k], last[k]) for k in last)
+    assert "early stop: stopped at step 20; the artifact is step 10's model" in out.stdout
+    assert "Early stopping (patience 1)" in (run_dir / "model" / "README.md").read_text()
+
+
+def test_early_stopping_without_evaluations_is_a_config_error(workspace):
+    said = workspace.train("training.eval_every=0", "training.early_stopping_patience=2",
+                           check=False)  # fmt: skip
+    assert said.returncode == 2
+    assert "training.early_stopping_patience: needs evaluations during training" in said.stderr

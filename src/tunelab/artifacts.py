@@ -43,6 +43,9 @@ class ArtifactInfo:
     auto_class: str = "AutoModelForCausalLM"
     labels: list[str] | None = None  # classification / tagging: id order, as in config.json
     peft: dict[str, Any] | None = None  # the adapter of a PEFT run: set by save_final
+    # training.early_stopping_patience: the best evaluation's step (whose model this is), its
+    # value, and the step training stopped at (None: it ran to max_steps)
+    early_stopping: dict[str, Any] | None = None
 
 
 def save_final(
@@ -137,7 +140,7 @@ Fine-tuned with tunelab (Hugging Face Trainer, configured by Hydra, tracked in M
 - Base model: {info.base_model}
 - Parameters: {info.parameters}
 - Data: {info.data_source} (sha256 {info.data_digest[:16]}...)
-- Steps: {info.step}, epochs: {_fmt(info.epoch)}
+- Steps: {info.step}, epochs: {_fmt(info.epoch)}{_early_line(info.early_stopping)}
 - MLflow run: {info.mlflow_run_id}
 
 | metric | value |
@@ -190,3 +193,14 @@ model = PeftModel.from_pretrained(base, "path/to/this/dir/adapter")
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _early_line(early: dict[str, Any] | None) -> str:
+    if not early:
+        return ""
+    stopped = early.get("stopped_at_step")
+    how = f"stopped at step {stopped}" if stopped is not None else "ran to its end"
+    return (
+        f"\n- Early stopping (patience {early['patience']}): {how}; these are the weights of "
+        f"step {early['best_step']}, the best {early['metric']} ({_fmt(early['best_value'])})"
+    )

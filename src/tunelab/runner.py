@@ -56,7 +56,7 @@ def run(
             model = stages.build_model(cfg, inputs, tracked.tracker)
             trainer = stages.build_trainer(
                 cfg, run_dir, model, inputs, tracked.tracker,
-                [stopper, *stages.trial_callbacks(cfg, trial), *callbacks],
+                [stopper, *stages.stop_callbacks(cfg, inputs, trial), *callbacks],
             )  # fmt: skip
             final = stages.train(trainer, start, stopper)
             published = stages.publish(cfg, run_dir, name, overrides, resolved, start, inputs,
@@ -68,6 +68,7 @@ def run(
         run_id=tracked.run_id,
         ui_hint=tracked.tracker.ui_hint or _upload_hint(cfg),
         objective=published.value,
+        early_stopping=published.early_stopping,
     )
 
 
@@ -93,6 +94,7 @@ class RunResult:
     ui_hint: str | None = None
     objective: float | None = None
     already_finished: bool = False  # nothing was trained: the run directory held the artifact
+    early_stopping: dict[str, Any] | None = None  # what the manifest says of it
 
     def summary(self) -> str:
         shown = {
@@ -107,6 +109,14 @@ class RunResult:
             f"  artifact : {self.artifact_dir}",
             "  metrics  : " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
         ]
+        early = self.early_stopping
+        if early:
+            stopped = early["stopped_at_step"]
+            how = f"stopped at step {stopped}" if stopped is not None else "ran to its end"
+            lines.append(
+                f"  early stop: {how}; the artifact is step {early['best_step']}'s model "
+                f"(best {early['metric']}={early['best_value']:.4g})"
+            )
         if self.ui_hint:
             lines.append(f"  MLflow UI: {self.ui_hint}")
         return "\n".join(lines)

@@ -40,6 +40,8 @@ from tunelab import model as models
 from tunelab.arguments import training_arguments
 from tunelab.checkpoints.signals import Interrupted, StopOnSignal
 from tunelab.checkpoints.trainer import CheckpointingTrainer
+from tunelab.early_stop import EarlyStopping
+from tunelab.errors import ConfigError
 from tunelab.sweeps.pruning import PruneCallback
 from tunelab.sweeps.study import TrialRef
 from tunelab.tracking.callback import TrackingCallback
@@ -182,11 +184,29 @@ def build_trainer(
     return trainer
 
 
-def trial_callbacks(cfg: DictConfig, trial: TrialRef | None) -> list[Any]:
-    """The callback of an Optuna trial's job (it reports and may prune), or none."""
-    if trial is None:
-        return []
-    return [PruneCallback(trial, cfg.training.eval_every, cfg.training.max_steps)]
+def stop_callbacks(cfg: DictConfig, inputs: Inputs, trial: TrialRef | None) -> list[Any]:
+    """The callbacks that may end a run early: an Optuna trial's (it reports to its study and
+    is pruned there), and training.early_stopping_patience's."""
+    found: list[Any] = []
+    if trial is not None:
+        found.append(PruneCallback(trial, cfg.training.eval_every, cfg.training.max_steps))
+    patience = cfg.training.get("early_stopping_patience")
+    if patience:
+        if inputs.prepared.eval is None:
+            raise ConfigError(["training.early_stopping_patience: needs an eval split"])
+        found.append(
+            EarlyStopping(
+                int(patience),
+                lambda m: sweeps.objective_name(cfg, m, inputs.rows.has_completions),
+                lambda name: sweeps.direction(cfg, name) == "maximize",
+            )
+        )
+    return found
+
+
+def _early_stopping(trainer: CheckpointingTrainer) -> EarlyStopping | None:
+    found = [c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStopping)]
+    return found[0] if found else None
 
 
 def train(
@@ -202,6 +222,9 @@ def train(
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, PruneCallback) and callback.pruned is not None:
             raise callback.pruned  # checkpointed at the evaluation that pruned it
+    early = _early_stopping(trainer)
+    if early is not None:
+        early.restore_best(trainer.model)  # the final evaluation and the artifact: the best's
     final = dict(out.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
@@ -215,6 +238,7 @@ class Published:
     artifact: Path
     objective: str
     value: float | None
+    early_stopping: dict[str, Any] | None = None
 
 
 def publish(
@@ -248,6 +272,7 @@ def publish(
         task=cfg.model.task,
         auto_class=inputs.task.AUTO_CLASS,
         labels=models.label_names(model.module),
+        early_stopping=early.summary() if (early := _early_stopping(trainer)) else None,
     )
     artifact = run_dir / "model"
     weights = models.full_state_dict(trainer)  # a collective under FSDP: every rank calls it
@@ -259,4 +284,4 @@ def publish(
     tracker.log_model(artifact, final, trainer.state.global_step)
     if (run_dir / ".hydra").is_dir():
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
-    return Published(artifact, objective, final.get(objective))
+    return Published(artifact, objective, final.get(objective), info.early_stopping)

@@ -119,6 +119,7 @@ class TrainingSchema:
     fsdp: bool
     fsdp_config: dict
     progress_bar: bool
+    early_stopping_patience: Annotated[int | None, Rule(min=1, max=_MANY)] = None
 
 
 @dataclass

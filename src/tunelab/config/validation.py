@@ -56,6 +56,17 @@ def _combination_problems(c: dict[str, Any]) -> list[str]:
             found.append("checkpoint.metric: required with checkpoint=best (e.g. eval_loss)")
         if not has_eval:
             found.append("checkpoint=best: needs an eval set (data.eval or data.eval_size > 0)")
+    if tr.get("early_stopping_patience") is not None:
+        if not has_eval:
+            found.append(
+                "training.early_stopping_patience: needs an eval set (data.eval or "
+                "data.eval_size > 0)"
+            )
+        if tr["eval_every"] == 0:
+            found.append(
+                "training.early_stopping_patience: needs evaluations during training; set "
+                "training.eval_every (e.g. 200)"
+            )
     uploads = c["tracking"]["log_checkpoints"]
     if uploads != "none" and ck["strategy"] == "none":
         found.append(
