@@ -639,8 +639,89 @@ def data_preparation(rows: int, reps: int) -> dict:
     }
 
 
+def _search(root: Path, workers: int, pruner: str, steps: int) -> tuple[float, Any]:
+    """One 8-trial Optuna search on the default task (a small model), `workers` copies of the
+    same command started together, each on one thread; its wall time and its study."""
+    import subprocess
+
+    import optuna
+
+    root.mkdir(parents=True)
+    args = [sys.executable, "-m", "tunelab", "train", "-m", "hparams_search=addition_optuna",
+            f"output.root={root / 'outputs'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            "model.arch.n_embd=64", "model.arch.n_layer=2", "model.arch.n_head=2",
+            "data.train_size=4000", "data.eval_size=200", f"training.max_steps={steps}",
+            f"training.eval_every={steps // 6}", "training.warmup_steps=0",
+            "training.progress_bar=false", "checkpoint=none",
+            "sweep.objective=eval_token_accuracy", "hydra.sweeper.n_trials=8",
+            f"hydra.sweeper.pruner={pruner}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    began = time.perf_counter()
+    procs = [subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(workers)]  # fmt: skip
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - began
+    if any(codes):
+        raise RuntimeError(f"a search worker exited {codes} (see {root})")
+    (db,) = (root / "outputs").glob("*/sweeps/*/optuna.db")
+    return wall, optuna.load_study(study_name="tunelab", storage=f"sqlite:///{db}")
+
+
+def _trained_steps(study: Any, steps: int) -> int:
+    from optuna.trial import TrialState
+
+    return sum(
+        steps if t.state == TrialState.COMPLETE else max(t.intermediate_values or {0: 0})
+        for t in study.trials
+    )
+
+
+def _slots(study: Any) -> tuple[float, float]:
+    """The longest time a worker stood between telling a trial and claiming its next, and the
+    makespan against the ideal (the trials' summed durations over the workers)."""
+    by_worker: dict[str, list[Any]] = {}
+    for t in study.trials:
+        by_worker.setdefault(t.user_attrs["tunelab.worker"]["tunelab.pid"], []).append(t)
+    gaps = [0.0]
+    for trials in by_worker.values():
+        trials.sort(key=lambda t: t.datetime_start)
+        gaps += [(b.datetime_start - a.datetime_complete).total_seconds()
+                 for a, b in zip(trials, trials[1:], strict=False)]  # fmt: skip
+    first = min(t.datetime_start for t in study.trials)
+    last = max(t.datetime_complete for t in study.trials)
+    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials)
+    return max(gaps), (last - first).total_seconds() / (busy / len(by_worker))
+
+
+def sweep(steps: int) -> dict:
+    """Pruning and workers, on the same 8-trial search (TPE's first trials are random with a
+    fixed seed, so one worker asks the same parameters with and without a pruner)."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-sweep-") as tmp:
+        root = Path(tmp)
+        wall_none, none = _search(root / "none", 1, "none", steps)
+        wall_hb, hyperband = _search(root / "hyperband", 1, "hyperband", steps)
+        wall_two, two = _search(root / "two", 2, "none", steps)
+        _, two_pruned = _search(root / "two-pruned", 2, "hyperband", steps)
+    out["pruned_steps_ratio"] = _trained_steps(hyperband, steps) / _trained_steps(none, steps)
+    out["pruned_wall_ratio"] = wall_hb / wall_none
+    out["pruned_best_gap"] = abs(none.best_value - hyperband.best_value)
+    out["two_workers_wall_ratio"] = wall_two / wall_none
+    out["two_workers_trials"] = float(len(two.trials))
+    idle, makespan = _slots(two_pruned)
+    out["slot_idle_max_s"], out["makespan_over_ideal"] = idle, makespan
+    out["targets"] = {
+        "pruned_steps_ratio": "<= 0.5",
+        "pruned_best_gap": "<= 0.01",
+        "two_workers_wall_ratio": "<= 0.65",
+        "slot_idle_max_s": "< 2",
+        "makespan_over_ideal": "<= 1.15",
+    }
+    return out
+
+
 SECTIONS = ("cli_latency", "throughput", "checkpoint_stall", "tracking_and_artifacts",
-            "data_preparation", "ddp")  # fmt: skip
+            "data_preparation", "ddp", "sweep")  # fmt: skip
 
 
 def main() -> None:
@@ -686,6 +767,9 @@ def main() -> None:
     if "ddp" in only:
         print("DDP, 2 processes (gloo): plain Trainer DDP vs tunelab DDP ...", flush=True)
         report["ddp"] = ddp(reps, 60 if opts.full else 30)
+    if "sweep" in only:
+        print("sweep: 8 Optuna trials, pruner none vs hyperband, 1 vs 2 workers ...", flush=True)
+        report["sweep"] = sweep(600 if opts.full else 300)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["| measure | value | target | met |", "| --- | --- | --- | --- |"]

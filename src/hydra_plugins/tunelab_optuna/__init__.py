@@ -174,11 +174,22 @@ class OptunaSweeper(Sweeper):
             self.study.sampler = self._sampler(self.conf.seed + joined)
             self.parent_id = self._parent(sweep_dir)
         self.url, self.space, self.fixed = url, space, fixed
+        self.painter = Painter(
+            lambda: parent.draw_picture(
+                self.config, self.parent_id or "", list(self.space),
+                self.conf.pruning.metric or "eval_loss", self.study,
+            ) if self.parent_id else None
+        )  # fmt: skip
         slots = self._slots()
-        if slots == 1:
-            self._work()
-        else:
-            self._work_in_threads(slots)
+        try:
+            if slots == 1:
+                self._work()
+            else:
+                self._work_in_threads(slots)
+        except BaseException:
+            self.painter.closing = True  # interrupted: no last drawing (the store may be gone)
+            raise
+        self.painter.close()
         try:
             best = self.study.best_trial
             log.info("best trial %d: %s = %s", best.number, best.params, best.value)
@@ -292,5 +303,35 @@ class OptunaSweeper(Sweeper):
                 parent.mark_trial(self.config, self.parent_id, claim.number, state.name)
             except Exception as exc:  # noqa: BLE001 (the study holds the truth; the tag is a view)
                 log.warning("trial %d: its run not tagged %s: %s", claim.number, state.name, exc)
-            metric = self.conf.pruning.metric or "eval_loss"
-            parent.draw_picture(self.config, self.parent_id, list(self.space), metric, self.study)
+            self.painter.paint()  # in the background: this worker claims its next trial now
+
+
+class Painter:
+    """Redraws the search's picture in a background thread after each trial, so a worker
+    claims its next trial at once; a request while it draws is served by one more drawing."""
+
+    def __init__(self, draw: Any) -> None:
+        self.draw = draw
+        self.wanted = threading.Event()
+        self.closing = False
+        self.thread = threading.Thread(target=self._loop, name="sweep-picture", daemon=True)
+        self.thread.start()
+
+    def paint(self) -> None:
+        self.wanted.set()
+
+    def close(self) -> None:
+        """Wait for the drawing in progress, and the last one asked for."""
+        self.closing = True
+        self.wanted.set()
+        self.thread.join(timeout=300)
+
+    def _loop(self) -> None:
+        while True:
+            self.wanted.wait()
+            if self.closing and not self.wanted.is_set():
+                return
+            self.wanted.clear()
+            self.draw()
+            if self.closing and not self.wanted.is_set():
+                return
