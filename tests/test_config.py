@@ -91,7 +91,8 @@ def test_config_imports_only_the_ground_floor():
     probe = "import sys, tunelab.config; print(*sorted(m for m in sys.modules if 'tunelab' in m))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env())
     outside = [m for m in out.stdout.split() if not m.startswith("tunelab.config")]
-    assert outside == ["tunelab", "tunelab.errors", "tunelab.metrics", "tunelab.paths"], out
+    ground = ["tunelab", "tunelab.constants", "tunelab.errors", "tunelab.metrics", "tunelab.paths"]
+    assert outside == ground, out
 
 
 def test_a_fresh_run_directory_takes_the_suffix_it_is_handed():
