@@ -87,6 +87,7 @@ def children_by_job(ws):
     return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_stops_at_its_evaluation_and_says_so_in_the_study_and_in_mlflow(workspace):
     from optuna.trial import TrialState
 
@@ -246,6 +247,7 @@ def test_a_worker_killed_with_9_leaves_its_trial_to_be_asked_again_and_resumed(w
     assert {t.state for t in studies.counted(study)} == {TrialState.COMPLETE}
 
 
+@pytest.mark.slow
 def test_the_winner_is_registered_as_champion_and_loads_with_plain_transformers(
     workspace, monkeypatch
 ):
