@@ -695,17 +695,22 @@ def _slots(study: Any) -> tuple[float, float]:
 
 def sweep(steps: int) -> dict:
     """Pruning and workers, on the same 8-trial search (TPE's first trials are random with a
-    fixed seed, so one worker asks the same parameters with and without a pruner)."""
+    fixed seed, so one worker asks the same parameters with and without a pruner). Hyperband
+    and successive halving are both measured: with 8 trials hyperband's brackets hold few
+    trials each and prune less."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-sweep-") as tmp:
         root = Path(tmp)
         wall_none, none = _search(root / "none", 1, "none", steps)
         wall_hb, hyperband = _search(root / "hyperband", 1, "hyperband", steps)
+        _, halving = _search(root / "halving", 1, "successive_halving", steps)
         wall_two, two = _search(root / "two", 2, "none", steps)
         _, two_pruned = _search(root / "two-pruned", 2, "hyperband", steps)
     out["pruned_steps_ratio"] = _trained_steps(hyperband, steps) / _trained_steps(none, steps)
     out["pruned_wall_ratio"] = wall_hb / wall_none
     out["pruned_best_gap"] = abs(none.best_value - hyperband.best_value)
+    out["halving_steps_ratio"] = _trained_steps(halving, steps) / _trained_steps(none, steps)
+    out["halving_best_gap"] = abs(none.best_value - halving.best_value)
     out["two_workers_wall_ratio"] = wall_two / wall_none
     out["two_workers_trials"] = float(len(two.trials))
     idle, makespan = _slots(two_pruned)
