@@ -295,6 +295,12 @@ def test_the_winner_is_registered_as_champion_and_loads_with_plain_transformers(
     shown = run_cli("runs", "--sweep", parents[0].info.run_id, "--uri", workspace.uri,
                     cwd=workspace.root)  # fmt: skip
     assert "registered: models:/adder@champion (version 1)" in shown.stdout
+    # The same command again (or another worker ending the same sweep) registers nothing new.
+    run_cli("train", "-m", *workspace.base(),
+            *tiny("seed=1,2", "training.max_steps=6", "checkpoint=none",
+                  "sweep.objective=eval_loss", "sweep.register_as=adder"),
+            cwd=workspace.root)  # fmt: skip
+    assert len(client.search_model_versions("name = 'adder'")) == 2
     # tunelab's own commands take the alias URI too.
     continued = run_cli("generate", "models:/adder@champion", "12+34=", "--uri", workspace.uri,
                         cwd=workspace.root)  # fmt: skip

@@ -161,8 +161,13 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
                 "tunelab.best_objective": f"{best['objective_name']}={best['objective']:.6g}",
             }
         )
-    if done and cfg.sweep.get("register_as"):
+    before = client.get_run(run_id).data.tags
+    promoted = before.get(REGISTERED_RUN) == (done[0]["run_id"] if done else None)
+    if done and cfg.sweep.get("register_as") and not promoted:
+        # Once per winner: another worker of the study, or the same command again, ends the
+        # same parent without registering the same model twice.
         tags[REGISTERED] = promote(cfg, run_id, done[0])
+        tags[REGISTERED_RUN] = done[0]["run_id"]
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     if str(cfg.hydra.sweeper.get("_target_", "")) != OPTUNA_SWEEPER:  # its sweeper drew it
@@ -172,6 +177,7 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 REGISTERED = "tunelab.registered_model"  # on the parent: where the winner was registered
+REGISTERED_RUN = "tunelab.registered_run_id"  # on the parent: the run registered there
 
 
 def promote(cfg: DictConfig, parent_id: str, best: dict[str, Any]) -> str:
