@@ -343,3 +343,30 @@ def test_early_stopping_without_evaluations_is_a_config_error(workspace):
                            check=False)  # fmt: skip
     assert said.returncode == 2
     assert "training.early_stopping_patience: needs evaluations during training" in said.stderr
+
+
+@pytest.mark.slow
+def test_a_search_under_tunelab_launch_claims_once_and_prunes_every_rank_at_one_step(workspace):
+    """2 processes (DDP, gloo) per trial: rank 0 claims each trial and the other trains the
+    same one (their configs are compared before anything starts); a pruned trial stops on both
+    ranks at the same step (the launch would hang or fail otherwise); 4 trials, one parent."""
+    from optuna.trial import TrialState
+
+    launch = [sys.executable, "-m", "tunelab", "launch", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*launch, *search_args(workspace, *PRUNED)], cwd=workspace.root,
+                          env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0, said[-4000:]
+    assert "ranks differ" not in said and "Traceback" not in said
+    study = the_study(workspace)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and any(t.state == TrialState.COMPLETE for t in study.trials)
+    parents, kids = children(workspace)
+    assert len(parents) == 1 and sorted(kids) == [0, 1, 2, 3]
+    for trial in pruned:
+        step = max(trial.intermediate_values)
+        run = kids[trial.number]
+        assert run.info.status == "KILLED" and run.data.tags["tunelab.pruned_at_step"] == str(step)
+        run_dir = Path(run.data.tags["tunelab.run_dir"])
+        assert committed_steps(run_dir / "checkpoints")[-1] == step

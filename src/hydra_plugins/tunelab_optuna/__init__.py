@@ -169,9 +169,10 @@ class OptunaSweeper(Sweeper):
             )
             # Each worker samples with a seed of its own (seed, seed+1, ...): workers seeded
             # alike would ask the same parameters.
-            joined = int(self.study.user_attrs.get(studies.WORKERS, 0))
-            self.study.set_user_attr(studies.WORKERS, joined + 1)
-            self.study.sampler = self._sampler(self.conf.seed + joined)
+            if distributed.is_main():  # under torchrun rank 0 alone claims, with its sampler
+                joined = int(self.study.user_attrs.get(studies.WORKERS, 0))
+                self.study.set_user_attr(studies.WORKERS, joined + 1)
+                self.study.sampler = self._sampler(self.conf.seed + joined)
             self.parent_id = self._parent(sweep_dir)
         self.url, self.space, self.fixed = url, space, fixed
         self.painter = Painter(
