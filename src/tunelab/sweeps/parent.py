@@ -211,13 +211,8 @@ def _untracked(failure: dict[str, str]) -> dict[str, Any]:
 
 def children(client: Any, parent_id: str) -> list[dict[str, Any]]:
     """The parent's child runs with their overrides and objective, best first, failed last."""
-    found = client.search_runs(
-        [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        max_results=5000,
-    )
     jobs = []
-    for run in found:
+    for run in report.child_runs(client, parent_id):
         name = run.data.tags.get("tunelab.objective")
         value = run.data.metrics.get(name) if name else None
         jobs.append(

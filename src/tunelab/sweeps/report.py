@@ -35,7 +35,8 @@ class Trial:
     curve: dict[int, float] = field(default_factory=dict)  # step -> the metric it reported
 
 
-def _children(client: Any, parent_id: str) -> list[Any]:
+def child_runs(client: Any, parent_id: str) -> list[Any]:
+    """The MLflow runs hanging under the sweep's parent run."""
     return client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
@@ -77,7 +78,7 @@ def refresh(
     if cfg.tracking.backend == "none":
         return
     client = store.client_for(cfg.tracking.uri)
-    runs = _children(client, parent_id)
+    runs = child_runs(client, parent_id)
     tagged = [r.data.tags for r in runs if r.data.tags.get("tunelab.objective")]
     if not tagged:
         return  # no job got far enough to say what it optimizes
