@@ -5,6 +5,7 @@ group and SIGTERM, then the identical command, ending bit-identical to an uninte
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -398,3 +399,36 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_once_by_rank_0(tmp_path, empty
     assert aside.name.startswith("checkpoint-30")
     manifest = manifests.read_manifest(run_dir / "model")
     assert manifest["step"] == 30 and manifest["resumed_from"].endswith("checkpoint-25")
+
+
+@pytest.mark.parametrize("when", ["after-its-work", "before-its-work"])
+def test_a_rank_aborted_by_the_interpreters_teardown_loses_nothing(when, tmp_path, empty_store):
+    """A worker that ended its work, said so, and was then aborted while the interpreter shut
+    down (a C++ thread of a library torn down late: SIGABRT, "terminate called without an
+    active exception") leaves the launch's exit code 0; one aborted before its work ended is
+    named as killed. The abort is a real SIGABRT, sent by rank 1 to itself from an atexit hook
+    (after tunelab's main returned) or at start-up (before it ran)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    send = "os.kill(os.getpid(), signal.SIGABRT)"
+    hook = f"atexit.register(lambda: {send})" if when == "after-its-work" else send
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os, signal\n"
+        f"if os.environ.get('RANK') == '1' and 'TORCHELASTIC_RUN_ID' in os.environ:\n    {hook}\n"
+    )
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    with_hooks = env()
+    with_hooks["PYTHONPATH"] = f"{hooks}{os.pathsep}{with_hooks['PYTHONPATH']}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "launch", "--standalone", "--nproc_per_node=2",
+         "train", *ws.base(), "--cfg", "job"],  # fmt: skip
+        cwd=ws.root, env=with_hooks, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    out = proc.communicate(timeout=120)[0]
+    assert "Traceback" not in out, out[-3000:]
+    if when == "after-its-work":
+        assert proc.returncode == 0 and "killed" not in out, out[-3000:]
+    else:
+        assert proc.returncode == 1, out[-3000:]
+        assert "tunelab launch: rank 1 (pid " in out and "killed by SIGABRT" in out, out[-3000:]

@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
     except SystemExit as exc:
+        if exc.code in (None, 0):
+            distributed.close()
         launch.note_exit(exc.code)  # a worker of `tunelab launch` tells it the code it chose
         raise
+    distributed.close()
+    launch.note_exit(0)
 
 
 def _main(argv: list[str] | None) -> None:

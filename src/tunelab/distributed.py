@@ -65,6 +65,18 @@ def follow_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def close() -> None:
+    """End this process's process group, if one was started, before the interpreter shuts
+    down: a gloo group left to the interpreter's teardown can abort the process (SIGABRT,
+    "terminate called without an active exception") after its work is done. Called on a
+    clean exit only: an error may have left another rank inside a collective."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 _store: Any = None
 # Every rank makes the same calls in the same order: the n-th call of a name has keys of its own
 # (a sweep's jobs, or a process running several commands, call each name again).

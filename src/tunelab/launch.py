@@ -55,17 +55,27 @@ def main(argv: list[str]) -> NoReturn:
 
 
 def note_exit(code: object) -> None:
-    """In a worker of `tunelab launch`: the exit code it chose, having said why."""
+    """In a worker of `tunelab launch`: the exit code it chose, having said why (0: it
+    finished its work)."""
     folder = os.environ.get(SAID)
-    if folder and isinstance(code, int) and code > 0:
+    code = 0 if code is None else code
+    if folder and isinstance(code, int) and code >= 0:
         with contextlib.suppress(OSError):  # the launcher is gone: nobody to tell
             (Path(folder) / os.environ.get("RANK", "0")).write_text(str(code))
 
 
-def _said(folder: Path) -> int | None:
-    """The exit code a worker of this node chose (the lowest rank's), if one did."""
-    codes = sorted((int(p.name), p.read_text()) for p in folder.glob("*") if p.name.isdigit())
-    return int(codes[0][1]) if codes and codes[0][1].isdigit() else None
+def _said(folder: Path, rank: int | None = None) -> int | None:
+    """The exit code a worker of this node chose, if one did: `rank`'s, or the lowest rank's
+    that chose to fail."""
+    codes = {
+        int(p.name): int(text)
+        for p in folder.glob("*")
+        if p.name.isdigit() and (text := p.read_text()).isdigit()
+    }
+    if rank is not None:
+        return codes.get(rank)
+    failed = sorted((r, code) for r, code in codes.items() if code > 0)
+    return failed[0][1] if failed else None
 
 
 def _parse(torchrun: Any, argv: list[str]) -> Any:
@@ -100,6 +110,10 @@ def _failed(exc: Exception, said: Path) -> int:
     rank, failure = exc.get_first_failure()
     if failure.exitcode > 0:
         return failure.exitcode  # it exited by itself, having said why
+    if (code := _said(said, rank)) is not None:
+        # It had ended its work and said so; the signal came as the interpreter shut down (a
+        # library's thread torn down late): nothing of the run was lost.
+        return code
     print(
         f"tunelab launch: rank {rank} (pid {failure.pid}) was killed by "
         f"{failure.signal_name()}; committed checkpoints are intact: run the same command "
