@@ -189,6 +189,74 @@ def test_workers_racing_for_trials_claim_exactly_n_trials_between_them(tmp_path)
     assert len(optuna.load_study(study_name="race", storage=url).trials) == 25
 
 
+def test_a_point_asked_twice_is_trained_once_and_its_twin_takes_the_outcome(tmp_path):
+    """A sampler may ask parameters a trial already has (a small categorical space). The second
+    trial would share the first's run directory: it trains nothing and ends as the first did;
+    one asked while the first still runs waits for the first to end."""
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from tunelab.sweeps import study as studies
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(study_name="twins", storage=studies.storage(url), sampler=sampler)
+    space = {"x": optuna.distributions.CategoricalDistribution([1, 2])}
+    trained = []
+    while (got := studies.claim(study, url, space, 6, max_retry=0)) is not None:
+        assert isinstance(got, studies.Claim) and got.twin is None
+        trained.append(got.params["x"])
+        study.tell(got.number, 10.0 * got.params["x"])
+    assert sorted(trained) == [1, 2]
+    assert len(study.trials) == 6 and {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert all(t.value == 10.0 * t.params["x"] for t in study.trials)
+    twins = [t for t in study.trials if studies.SAME_AS in t.user_attrs]
+    assert len(twins) == 4
+    assert all(study.trials[t.user_attrs[studies.SAME_AS]].params == t.params for t in twins)
+
+    # Asked while its twin runs: the claim names the twin, and the waiter takes its outcome.
+    study = optuna.create_study(study_name="running", storage=studies.storage(url))
+    one = {"x": optuna.distributions.CategoricalDistribution([1])}
+    first = studies.claim(study, url, one, 2, max_retry=0)
+    second = studies.claim(study, url, one, 2, max_retry=0)
+    assert isinstance(first, studies.Claim) and first.twin is None
+    assert isinstance(second, studies.Claim) and second.twin == first.number
+    waiter = threading.Thread(
+        target=studies.await_twin, args=(study, url, second, 0, threading.Event()), daemon=True
+    )
+    waiter.start()
+    waiter.join(timeout=studies.HEARTBEAT_S + 2)
+    assert waiter.is_alive()  # its twin still runs
+    study.tell(first.number, 42.0)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    ended = study.trials[second.number]
+    assert ended.state == TrialState.COMPLETE and ended.value == 42.0
+    assert ended.user_attrs[studies.SAME_AS] == first.number
+    assert studies.claim(study, url, one, 2, max_retry=0) is None  # both count
+
+
+def test_a_search_over_two_choices_trains_each_once(workspace):
+    """4 trials over 2 learning rates: 2 runs trained, the other 2 trials take their outcomes
+    (the sweep prints nothing twice, and no job meets another's run directory)."""
+    from optuna.trial import TrialState
+
+    from tunelab.sweeps import study as studies
+
+    run_cli(*search_args(workspace, "training.lr=choice(1e-3,1e-2)", "training.max_steps=10",
+                         "checkpoint=none"), cwd=workspace.root)  # fmt: skip
+    study = the_study(workspace)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    trained = [t for t in study.trials if studies.SAME_AS not in t.user_attrs]
+    assert sorted(t.params["training.lr"] for t in trained) == [1e-3, 1e-2]
+    for t in study.trials:
+        assert t.value == next(u.value for u in trained if u.params == t.params)
+    parents, kids = children(workspace)
+    assert len(parents) == 1 and sorted(kids) == sorted(t.number for t in trained)
+
+
 def _search_process(ws, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tunelab", *search_args(ws, *overrides)],

@@ -37,6 +37,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
 from tunelab import distributed, metrics
+from tunelab.config import with_preset_space
 from tunelab.sweeps import parent
 from tunelab.sweeps import study as studies
 
@@ -143,11 +144,8 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        parser = OverridesParser.create()
-        given = {o.get_key_element() for o in parser.parse_overrides(arguments)}
-        # The command line's value of a key wins over the preset's search space for it.
-        params = [f"{k}={v}" for k, v in self.conf.params.items() if k not in given]
-        parsed = parser.parse_overrides([*arguments, *params])
+        searched = with_preset_space(arguments, self.conf.params)
+        parsed = OverridesParser.create().parse_overrides(searched)
         fixed = [str(o.input_line) for o in parsed if not o.is_sweep_override()]
         space = {o.get_key_element(): distribution(o) for o in parsed if o.is_sweep_override()}
 
@@ -260,6 +258,13 @@ class OptunaSweeper(Sweeper):
                 time.sleep(studies.HEARTBEAT_S)
                 continue
             assert isinstance(claim, studies.Claim)
+            if claim.twin is not None:  # its parameters train now in another trial
+                if distributed.is_main():
+                    with studies.heartbeat(self.study, claim):
+                        studies.await_twin(
+                            self.study, self.url, claim, self.conf.max_retry, self.stopping
+                        )
+                continue
             overrides = self.fixed + [f"{k}={claim.params[k]}" for k in self.space]
             self.validate_batch_is_legal([overrides])
             with (

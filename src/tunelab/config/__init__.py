@@ -16,7 +16,7 @@ jobs in processes of their own), each set and read by one module only:
 """
 
 from tunelab.config.compose import compose, composer, serve_experiments
-from tunelab.config.jobs import compose_job, job_overrides, trains
+from tunelab.config.jobs import compose_job, job_overrides, trains, with_preset_space
 from tunelab.config.naming import (
     digest,
     job_name,
@@ -28,6 +28,7 @@ from tunelab.config.naming import (
     set_fresh_suffix,
     set_sweep,
     sweep_dir_name,
+    swept_keys,
 )
 from tunelab.config.validation import check_values, problems, resolved
 from tunelab.errors import ConfigError
@@ -54,5 +55,7 @@ __all__ = [
     "set_fresh_suffix",
     "set_sweep",
     "sweep_dir_name",
+    "swept_keys",
     "trains",
+    "with_preset_space",
 ]

@@ -9,7 +9,7 @@ import difflib
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,21 +36,14 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     parsed = _parse(overrides)
     if not multirun:
         return [overrides]
-    common = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept: dict[str, list[str]] = {}
-    for o in parsed:
-        if o.is_sweep_override():
-            swept[o.get_key_element()] = _candidates(o)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     with composer(return_hydra_config=True) as compose_one:
-        sweeper = compose_job(compose_one, common).hydra.sweeper
+        sweeper = compose_job(compose_one, fixed).hydra.sweeper
     if problems := sweeper_problems(sweeper):
         raise ConfigError(problems)
-    params = sweeper.get("params") or {}
-    given = {o.get_key_element() for o in parsed}
-    for key, spec in params.items():
-        if key not in given:  # the command line's value of a key wins over the preset's
-            (o,) = _parse([f"{key}={spec}"])
-            swept[o.get_key_element()] = _candidates(o) if o.is_sweep_override() else [str(spec)]
+    searched = _parse(with_preset_space(overrides, sweeper.get("params") or {}))
+    common = [o.input_line for o in searched if not o.is_sweep_override()]
+    swept = {o.get_key_element(): _candidates(o) for o in searched if o.is_sweep_override()}
     if not swept:
         return [common]
     keys = list(swept)
@@ -63,6 +56,14 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
         for key in keys
         for value in swept[key]
     ]
+
+
+def with_preset_space(overrides: list[str], params: Mapping[str, Any]) -> list[str]:
+    """A sweep's overrides: the command line's, plus the sweeper's `params` (a preset's search
+    space) for the keys the command line does not set. The command line's value of a key wins,
+    so `hparams_search=X training.batch_size=16` trains every trial at 16."""
+    given = {o.get_key_element() for o in _parse(overrides)}
+    return [*overrides, *(f"{k}={v}" for k, v in params.items() if k not in given)]
 
 
 def sweeper_problems(sweeper: Any) -> list[str]:

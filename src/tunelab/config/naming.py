@@ -106,6 +106,11 @@ def _sweep() -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def swept_keys() -> list[str]:
+    """The keys the running sweep varies (none outside a sweep)."""
+    return [str(k) for k in _sweep().get("swept", [])]
+
+
 def sweep_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
     """The sweep's directory: fixed once for the whole sweep (a job's own overrides would
     otherwise re-derive it), from the sweep overrides, so the same -m command finds it again."""
@@ -115,7 +120,7 @@ def sweep_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
 def job_name(overrides: Iterable[str]) -> str:
     """A sweep job's name: only what sets it apart from its siblings, e.g.
     `seed-1+training.lr-0.001`."""
-    swept = set(_sweep().get("swept", []))
+    swept = set(swept_keys())
     return run_name([o for o in overrides if key_of(o) in swept])
 
 

@@ -43,22 +43,10 @@ def job_count(task_overrides: list[str]) -> int | None:
 
 
 def sweep_overrides(cfg: DictConfig) -> list[str]:
-    """The command line's overrides plus the sweeper's `params` (a preset's search space) for
-    the keys the command line does not set."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    task = list(cfg.hydra.overrides.task)
-    given = {o.get_key_element() for o in OverridesParser.create().parse_overrides(task)}
+    """The sweep's overrides: the command line's and, for keys it does not set, the preset's
+    search space (`hydra.sweeper.params`)."""
     params = cfg.hydra.sweeper.get("params") or {}
-    return [*task, *(f"{k}={v}" for k, v in params.items() if k not in given)]
-
-
-def swept_keys(overrides: list[str]) -> list[str]:
-    """The keys a sweep's overrides vary."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    return config.with_preset_space(list(cfg.hydra.overrides.task), params)
 
 
 def draw_picture(
@@ -171,7 +159,7 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     if str(cfg.hydra.sweeper.get("_target_", "")) != OPTUNA_SWEEPER:  # its sweeper drew it
-        draw_picture(cfg, run_id, swept_keys(sweep_overrides(cfg)))
+        draw_picture(cfg, run_id, config.swept_keys())
     client.set_terminated(run_id, "FAILED" if jobs and not done else "FINISHED")
     return jobs
 

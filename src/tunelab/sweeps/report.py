@@ -205,20 +205,24 @@ def _study_plots(folder: Path, study: Any, plt: Any) -> None:
     complete = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
     if len(complete) < 2 or len(study.best_trial.params) < 1:
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # optuna's matplotlib plots are "experimental"
-        try:
-            importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError) as exc:  # all values equal, or too few trials
-            log.debug("no parameter importances yet: %s", exc)
-        else:
-            fig, ax = plt.subplots(figsize=(6, 0.6 + 0.5 * len(importances)))
-            names = list(importances)[::-1]
-            ax.barh(names, [importances[n] for n in names], color="tab:blue")
-            ax.set(xlabel="importance (fANOVA)", title="what moved the objective")
-            _save(fig, folder / "importances.png")
-        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
-        _save(ax.figure, folder / "parallel_coordinates.png")
+    # Optuna's matplotlib plots are "experimental". A filter for the process, not
+    # catch_warnings: the picture is drawn in a background thread, and catch_warnings swaps the
+    # filters of every thread.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # PED-ANOVA's note that few trials give equal importances: the bars say so themselves.
+    warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError) as exc:  # all values equal, or too few trials
+        log.debug("no parameter importances yet: %s", exc)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 0.6 + 0.5 * len(importances)))
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="tab:blue")
+        ax.set(xlabel="importance (PED-ANOVA)", title="what moved the objective")
+        _save(fig, folder / "importances.png")
+    ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
+    _save(ax.figure, folder / "parallel_coordinates.png")
 
 
 def _numeric(values: list[Any]) -> list[Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 import warnings
 from collections.abc import Iterator
@@ -27,12 +28,15 @@ from tunelab.constants import PRUNERS, STUDY_STORES
 from tunelab.errors import ConfigError
 from tunelab.tracking.liveness import process_gone, process_tags
 
+log = logging.getLogger("tunelab")
+
 HEARTBEAT_S = 5  # how often a worker says its trial is alive
 GRACE_S = 30  # a trial silent for this long is taken for dead (another machine's worker)
 RETRY_OF = "tunelab.retry_of"  # user attr: the number of the trial this one asks again
 WORKER = "tunelab.worker"  # user attr: the worker's host, pid and start (process_tags)
 PARENT = "tunelab.parent_run_id"  # study user attr: the sweep's MLflow parent run
 WORKERS = "tunelab.workers"  # study user attr: how many workers joined (each seeds its own)
+SAME_AS = "tunelab.same_as"  # user attr: the earlier trial of the same parameters it took after
 
 
 @dataclass
@@ -42,6 +46,9 @@ class Claim:
     number: int
     trial_id: int
     params: dict[str, Any]
+    # An earlier trial of the same parameters, running: its outcome is this one's (a second job
+    # would share its run directory), so the worker waits for it instead of training.
+    twin: int | None = None
 
 
 WAIT = "wait"  # no trial to claim now, but others' trials run (one may yet fail and return)
@@ -147,7 +154,11 @@ def counted(study: Any) -> list[Any]:
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
-    return [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
+    return [
+        t
+        for t in trials
+        if not (t.state == TrialState.FAIL and (t.number in retried or SAME_AS in t.user_attrs))
+    ]
 
 
 def claim(
@@ -159,17 +170,67 @@ def claim(
 
     with claims_lock(url, study.study_name):
         reap(study, max_retry)
-        trials = counted(study)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and len(trials) >= n_trials:
-            running = any(t.state == TrialState.RUNNING for t in trials)
-            return WAIT if running else None
-        with warnings.catch_warnings():  # "supposed to be used with Study.optimize": we beat
-            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            trial = study.ask(space)
-        trial.set_user_attr(WORKER, process_tags())
-        study._storage.record_heartbeat(trial._trial_id)
-        return Claim(trial.number, trial._trial_id, dict(trial.params))
+        while True:  # each pass returns, or settles one trial: at most n_trials passes
+            trials = counted(study)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting and len(trials) >= n_trials:
+                running = any(t.state == TrialState.RUNNING for t in trials)
+                return WAIT if running else None
+            with warnings.catch_warnings():  # "supposed to be used with Study.optimize": we
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)  # beat
+                trial = study.ask(space)
+            twin = (
+                None if RETRY_OF in trial.user_attrs else _twin(study, trial.number, trial.params)
+            )
+            if twin is not None and twin.state != TrialState.RUNNING:
+                take_outcome(study, trial.number, trial._trial_id, twin)
+                continue
+            trial.set_user_attr(WORKER, process_tags())
+            study._storage.record_heartbeat(trial._trial_id)
+            twin_number = None if twin is None else twin.number
+            return Claim(trial.number, trial._trial_id, dict(trial.params), twin_number)
+
+
+def _twin(study: Any, number: int, params: dict[str, Any]) -> Any:
+    """The earliest other trial of trial `number`'s parameters that trained or trains (a failed
+    one does not count: it is asked again), or None. The sampler may ask a point twice (a
+    small categorical space, several workers)."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=live)
+    return next((t for t in trials if t.number != number and t.params == params), None)
+
+
+def take_outcome(study: Any, number: int, trial_id: int, twin: Any) -> str:
+    """Trial `number` ends as its finished twin did, without training: its value when complete,
+    pruned when pruned, failed (not counted: the twin is asked again) when failed."""
+    from optuna.trial import TrialState
+
+    study._storage.set_trial_user_attr(trial_id, SAME_AS, twin.number)
+    if twin.state == TrialState.COMPLETE:
+        study.tell(number, twin.value)
+    else:
+        study.tell(number, state=twin.state if twin.state == TrialState.PRUNED else TrialState.FAIL)
+    log.info("trial %d: the parameters of trial %d, whose outcome it takes (%s)", number,
+             twin.number, twin.state.name)  # fmt: skip
+    return twin.state.name
+
+
+def await_twin(study: Any, url: str, claim: Claim, max_retry: int, stop: threading.Event) -> None:
+    """Wait for the running twin of `claim` to end (reaping it if its worker died), then take
+    its outcome; return early, leaving the trial to be asked again, when `stop` is set."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    twin_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, claim.twin)
+    while not stop.wait(HEARTBEAT_S):
+        with claims_lock(url, study.study_name):
+            reap(study, max_retry)
+        twin = storage.get_trial(twin_id)
+        if twin.state != TrialState.RUNNING:
+            take_outcome(study, claim.number, claim.trial_id, twin)
+            return
 
 
 @contextlib.contextmanager
