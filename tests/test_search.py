@@ -257,6 +257,31 @@ def test_a_search_over_two_choices_trains_each_once(workspace):
     assert len(parents) == 1 and sorted(kids) == sorted(t.number for t in trained)
 
 
+@pytest.mark.parametrize("db", ["tracking", "another-mlflow-store"])
+def test_a_study_is_refused_an_mlflow_database_in_one_line(db, workspace, empty_store):
+    """MLflow's and Optuna's schemas both keep an alembic_version table: a study in the tracking
+    store, or in another MLflow store, is a config error before anything runs."""
+    import shutil
+
+    if db == "tracking":
+        storage = workspace.uri
+    else:
+        shutil.copy(empty_store, workspace.root / "other.db")
+        storage = f"sqlite:///{workspace.root / 'other.db'}"
+    out = run_cli(*search_args(workspace, f"hydra.sweeper.storage={storage}"),
+                  cwd=workspace.root, check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    said = "is tracking.uri's database" if db == "tracking" else "holds an MLflow tracking store"
+    lines = [line for line in out.stderr.splitlines() if line.startswith("tunelab:")]
+    assert len(lines) == 1 and said in lines[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(workspace.uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not list((workspace.root / "outputs").rglob("optuna.db"))
+
+
 def _search_process(ws, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tunelab", *search_args(ws, *overrides)],

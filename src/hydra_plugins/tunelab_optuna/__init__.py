@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,8 +39,10 @@ from omegaconf import DictConfig
 
 from tunelab import distributed, metrics
 from tunelab.config import with_preset_space
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.sweeps import parent
 from tunelab.sweeps import study as studies
+from tunelab.tracking import store
 
 log = logging.getLogger("tunelab")
 
@@ -103,7 +106,9 @@ def distribution(override: Override) -> Any:
         if isinstance(start, int) and isinstance(end, int):
             return d.IntDistribution(start, end, log=log_scale)
         return d.FloatDistribution(start, end, log=log_scale)
-    raise ValueError(f"{override.input_line}: not a search space (use choice, range or interval)")
+    raise ConfigError(
+        [f"{override.input_line}: not a search space (use choice, range or interval)"]
+    )
 
 
 class OptunaSweeper(Sweeper):
@@ -134,14 +139,27 @@ class OptunaSweeper(Sweeper):
             metrics.default_objective(cfg.model.task, True) if cfg.data.type == "addition" else None
         )
         if objective is None and not sweep.direction:
-            raise ValueError(
-                "hydra.sweeper.direction: set it (maximize or minimize), or sweep.objective, "
-                "so the study knows which way is better for this data"
+            raise ConfigError(
+                [
+                    "hydra.sweeper.direction: set it (maximize or minimize), or sweep.objective, "
+                    "so the study knows which way is better for this data"
+                ]
             )
         mode = metrics.mode(objective or "", sweep.direction)
         return "minimize" if mode == "min" else "maximize"
 
     def sweep(self, arguments: list[str]) -> Any:
+        """The search; an error tunelab knows (bad settings, a store it cannot use) ends the
+        command with its lines and exit code, not Hydra's traceback."""
+        try:
+            return self._search(arguments)
+        except TunelabError as exc:
+            if distributed.is_main() or not isinstance(exc, ConfigError):
+                for line in exc.lines():
+                    print(line, file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+
+    def _search(self, arguments: list[str]) -> Any:
         import optuna
 
         searched = with_preset_space(arguments, self.conf.params)
@@ -152,6 +170,8 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         url = studies.storage_url(self.conf.storage, sweep_dir)
+        studies.check_storage(url)
+        studies.check_own_database(url, store.resolve_uri(self.config.tracking.uri))
         training = self.config.training
         pruner = studies.make_pruner(
             self.conf.pruner, asdict(self.conf.pruning), training.eval_every, training.max_steps

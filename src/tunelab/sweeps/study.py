@@ -25,7 +25,7 @@ from typing import Any
 
 from tunelab import locks, metrics
 from tunelab.constants import PRUNERS, STUDY_STORES
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError, first_line
 from tunelab.tracking.liveness import process_gone, process_tags
 
 log = logging.getLogger("tunelab")
@@ -69,6 +69,52 @@ def check_storage(url: str) -> None:
                 "postgresql://USER@HOST/DB (several machines)"
             ]
         )
+
+
+def check_own_database(url: str, tracking_uri: str) -> None:
+    """A study's database must be neither the tracking store nor another MLflow store: both
+    keep their schema's version in a table named `alembic_version`, so one's migrations fail
+    on (or break) the other's tables."""
+    import sqlalchemy as sa
+
+    why = f"hydra.sweeper.storage: {_safe(url)} "
+    advice = (
+        "; a study needs a database of its own (both keep an alembic_version table), e.g. "
+        "the sweep directory's default (leave storage unset), or `createdb optuna` and "
+        "postgresql://USER@HOST/optuna"
+    )
+    if _place(url) == _place(tracking_uri):
+        raise ConfigError([why + "is tracking.uri's database" + advice])
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        tables = set(sa.inspect(engine).get_table_names())
+    except sa.exc.SQLAlchemyError as exc:
+        reason = first_line(exc)
+        raise TunelabError(f"hydra.sweeper.storage: cannot open {_safe(url)}: {reason}") from None
+    finally:
+        engine.dispose()
+    if {"experiments", "runs"} <= tables and "studies" not in tables:
+        raise ConfigError([why + "holds an MLflow tracking store" + advice])
+
+
+def _place(uri: str) -> tuple[str, ...]:
+    """Where a database lives: a sqlite file's absolute path, a server's host, port and name."""
+    import sqlalchemy as sa
+
+    if uri.startswith("sqlite:///"):
+        return ("sqlite", str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve()))
+    try:
+        parsed = sa.engine.make_url(uri)
+    except sa.exc.ArgumentError:
+        return ("other", uri)  # http://: a tracking server, never a study's database
+    return (parsed.get_backend_name(), str(parsed.host), str(parsed.port), str(parsed.database))
+
+
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def storage(url: str) -> Any:
