@@ -338,6 +338,19 @@ def test_a_worker_killed_with_9_leaves_its_trial_to_be_asked_again_and_resumed(w
     assert retry.params == killed.params and retry.state == TrialState.COMPLETE
     assert len(studies.counted(study)) == 4
     assert {t.state for t in studies.counted(study)} == {TrialState.COMPLETE}
+    # Bit-exact: the resumed trial's weights are those of the same run never interrupted.
+    _, kids = children(workspace)
+    (run,) = [r for r in kids.values() if r.data.tags.get("tunelab.resumes")]
+    assert run.data.tags["tunelab.trial_number"] == str(retry.number), run.data.tags
+    assert run.data.tags["tunelab.trial_state"] == "COMPLETE"
+    resumed = Path(run.data.tags["tunelab.run_dir"]) / "model" / "model.safetensors"
+    plain = [o for o in SEARCH if not o.startswith(("hparams_search", "hydra.", "training.lr"))]
+    lr = f"training.lr={retry.params['training.lr']}"
+    elsewhere = workspace.root / "straight"
+    run_cli("train", f"output.root={elsewhere}", f"tracking.uri=sqlite:///{elsewhere}.db",
+            *tiny(*plain, *slow, lr), cwd=workspace.root)  # fmt: skip
+    (model,) = elsewhere.rglob("model/model.safetensors")
+    assert model.read_bytes() == resumed.read_bytes()
 
 
 @pytest.mark.slow

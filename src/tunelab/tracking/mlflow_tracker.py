@@ -23,7 +23,9 @@ from tunelab.tracking.values import metric_key
 log = logging.getLogger("tunelab")
 
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
-_PER_PROCESS_TAGS = ("tunelab.resumed", "tunelab.host", "tunelab.pid")
+# Set again when a run is continued: they describe this attempt (the process, where it resumed,
+# the study's trial it now runs: a failed trial is asked again under a new number).
+_PER_ATTEMPT_TAGS = ("tunelab.resumed", "tunelab.host", "tunelab.pid", "tunelab.trial_number")
 
 
 class MlflowTracker:
@@ -55,7 +57,7 @@ class MlflowTracker:
         )
         self.run_id: str | None = run.info.run_id
         if self.continued:  # a new process: who runs it now, and from where it resumed
-            self.set_tags({k: v for k, v in tags.items() if k.startswith(_PER_PROCESS_TAGS)})
+            self.set_tags({k: v for k, v in tags.items() if k.startswith(_PER_ATTEMPT_TAGS)})
         self.artifact_uri = run.info.artifact_uri
         self._overrides = tags.get("tunelab.overrides", "")
         self.ui_hint: str | None = store.ui_hint(uri, self.experiment_id, run.info.run_id)
