@@ -441,7 +441,43 @@ def test_early_stopping_stops_after_patience_and_publishes_the_best_evaluation(w
     assert all(torch.equal(final[k], best[k]) for k in best)
     assert not all(torch.equal(final[k], last[k]) for k in last)
     assert "early stop: stopped at step 20; the artifact is step 10's model" in out.stdout
+    assert early["weights_step"] == 10
     assert "Early stopping (patience 1)" in (run_dir / "model" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_early_stopping_resumed_stops_where_an_uninterrupted_run_does(tmp_path, empty_store):
+    """SIGTERM after the best evaluation (step 10) and one that did not improve (20): the same
+    command resumes with patience already half spent, stops at step 30 as the uninterrupted run
+    does, and publishes step 10's weights (from its checkpoint), byte for byte the same."""
+    import json
+
+    from tests.helpers import new_workspace
+
+    # A checkpoint every 5 steps, each commit slowed: the signal sent on seeing step 20's lands
+    # before step 25's commit, so before the evaluation at step 30.
+    command = [
+        "training.max_steps=80", "training.eval_every=10", "checkpoint=steps",
+        "checkpoint.every=5", "checkpoint.keep=20", "training.early_stopping_patience=2",
+    ]  # fmt: skip
+    straight = new_workspace(tmp_path / "straight", empty_store)
+    straight.train(*command)
+    ws = new_workspace(tmp_path / "ws", empty_store)
+    proc = ws.popen(*command, TUNELAB_TEST_COMMIT_DELAY="0.8")
+    wait_for(lambda: 20 in committed_steps(ws.checkpoints()), proc, 300)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped = max(committed_steps(ws.checkpoints()))
+    assert 20 <= stopped < 30, committed_steps(ws.checkpoints())
+    again = ws.train(*command)
+    assert f"checkpoint-{stopped}" in again.stdout + again.stderr
+    for one in (straight, ws):
+        early = json.loads((one.run_dir() / "model" / "manifest.json").read_text())
+        early = early["early_stopping"]
+        assert (early["best_step"], early["stopped_at_step"], early["weights_step"]) == (10, 30, 10)
+    model = "model/model.safetensors"
+    assert (ws.run_dir() / model).read_bytes() == (straight.run_dir() / model).read_bytes()
 
 
 def test_early_stopping_without_evaluations_is_a_config_error(workspace):

@@ -202,5 +202,6 @@ def _early_line(early: dict[str, Any] | None) -> str:
     how = f"stopped at step {stopped}" if stopped is not None else "ran to its end"
     return (
         f"\n- Early stopping (patience {early['patience']}): {how}; these are the weights of "
-        f"step {early['best_step']}, the best {early['metric']} ({_fmt(early['best_value'])})"
+        f"step {early.get('weights_step', early['best_step'])} (the best {early['metric']}: "
+        f"{_fmt(early['best_value'])} at step {early['best_step']})"
     )

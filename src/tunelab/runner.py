@@ -114,8 +114,9 @@ class RunResult:
             stopped = early["stopped_at_step"]
             how = f"stopped at step {stopped}" if stopped is not None else "ran to its end"
             lines.append(
-                f"  early stop: {how}; the artifact is step {early['best_step']}'s model "
-                f"(best {early['metric']}={early['best_value']:.4g})"
+                f"  early stop: {how}; the artifact is step "
+                f"{early.get('weights_step', early['best_step'])}'s model (best "
+                f"{early['metric']}={early['best_value']:.4g} at step {early['best_step']})"
             )
         if self.ui_hint:
             lines.append(f"  MLflow UI: {self.ui_hint}")

@@ -216,15 +216,21 @@ def train(
     a last evaluation when there is an eval split. A signal stops it at the next step boundary,
     once its checkpoint is written (Interrupted)."""
     resume = str(start.resume_from) if start.resume_from else None
+    early = _early_stopping(trainer)
+    if early is not None and start.resume_from:
+        early.resume(start.resume_from)
     out = trainer.train(resume_from_checkpoint=resume)
     if stopper.received and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(stopper.received)  # checkpointed at the step boundary
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, PruneCallback) and callback.pruned is not None:
             raise callback.pruned  # checkpointed at the evaluation that pruned it
-    early = _early_stopping(trainer)
-    if early is not None:
-        early.restore_best(trainer.model)  # the final evaluation and the artifact: the best's
+    if early is not None:  # the final evaluation and the artifact: the best evaluation's model
+        if (step := early.best_before_resume()) is not None and start.resume_from:
+            if not trainer.load_weights_of(start.resume_from.parent / f"checkpoint-{step}"):
+                early.weights_step = int(trainer.state.global_step)
+        else:
+            early.restore_best(trainer.model)
     final = dict(out.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())

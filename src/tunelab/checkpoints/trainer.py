@@ -98,6 +98,21 @@ class CheckpointingTrainer(Trainer):
         self.state = state
         return TrainOutput(state.global_step, 0.0, {"train_runtime": 0.0, "epoch": state.epoch})
 
+    def load_weights_of(self, checkpoint: Path) -> bool:
+        """The model's weights as a committed checkpoint of this run holds them (early
+        stopping's best evaluation from before a resume). A checkpoint rotated away is a
+        warning: the model keeps its last weights."""
+        if checkpoint not in committed(checkpoint.parent):
+            log.warning(
+                "%s was rotated away (checkpoint.keep): the artifact is the last model, not the "
+                "best evaluation's; keep more checkpoints (or checkpoint=best) with early "
+                "stopping to resume to the best",
+                checkpoint.name,
+            )
+            return False
+        self._load_from_checkpoint(str(checkpoint))
+        return True
+
     def _finish_write_after_error(self) -> None:
         """The checkpoint in flight completes even when training stopped on an error or a
         second signal; only a third signal (AbandonWrite) gives up on it."""
