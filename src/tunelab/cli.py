@@ -131,8 +131,15 @@ def train(args: list[str]) -> None:
     try:
         app()
         failed, unrecorded = sweeps.failed_jobs(), sweeps.unrecorded_end()
+        unranked = sweeps.unranked_objective()
         if failed:
             print(f"tunelab: {failed} job(s) of the sweep failed (see above)", file=sys.stderr)
+        if unranked:
+            print(
+                f"tunelab: no job of the sweep reported its objective {unranked}, so none is "
+                "best; set sweep.objective to a metric its runs log (see `tunelab runs`)",
+                file=sys.stderr,
+            )
         if unrecorded:
             print(
                 f"tunelab: the sweep's outcome could not be recorded in its tracking store "
@@ -141,7 +148,7 @@ def train(args: list[str]) -> None:
                 "are skipped)",
                 file=sys.stderr,
             )
-        if failed or unrecorded:
+        if failed or unrecorded or unranked:
             raise SystemExit(1)
     except KeyboardInterrupt as exc:
         # SIGTERM/SIGINT: the run wrote a checkpoint and is KILLED in MLflow; the same command

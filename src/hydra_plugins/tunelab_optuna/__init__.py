@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 
 from tunelab import distributed, metrics
 from tunelab.config import with_preset_space
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, first_line
 from tunelab.sweeps import parent
 from tunelab.sweeps import study as studies
 from tunelab.tracking import store
@@ -134,9 +134,11 @@ class OptunaSweeper(Sweeper):
         if self.conf.direction:
             return "minimize" if self.conf.direction == "minimize" else "maximize"
         sweep, cfg = self.config.sweep, self.config
-        # Only generated data is known to have completions before any job reads its files.
+        # A language model's default objective hangs on its data having completions, known
+        # before any job reads its files only for generated data; other tasks' never does.
+        known = cfg.data.type == "addition" or cfg.model.task != "causal_lm"
         objective = sweep.objective or (
-            metrics.default_objective(cfg.model.task, True) if cfg.data.type == "addition" else None
+            metrics.default_objective(cfg.model.task, True) if known else None
         )
         if objective is None and not sweep.direction:
             raise ConfigError(
@@ -151,13 +153,27 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         """The search; an error tunelab knows (bad settings, a store it cannot use) ends the
         command with its lines and exit code, not Hydra's traceback."""
+        self.parent_id: Optional[str] = None  # noqa: UP045
         try:
             return self._search(arguments)
         except TunelabError as exc:
+            self._abandon(exc)
             if distributed.is_main() or not isinstance(exc, ConfigError):
                 for line in exc.lines():
                     print(line, file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
+        except Exception as exc:
+            self._abandon(exc)  # a bug: its traceback follows, the parent is not left RUNNING
+            raise
+
+    def _abandon(self, exc: BaseException) -> None:
+        """The search stopped on an error: its parent run, if it has one, ends FAILED with it
+        (Hydra calls no multirun-end callback after a sweeper's error)."""
+        if self.parent_id:
+            try:
+                parent.abandon(self.config, self.parent_id, first_line(exc))
+            except Exception as lost:  # noqa: BLE001 (the store may be what failed)
+                log.warning("the sweep's parent run was not ended: %s", first_line(lost))
 
     def _search(self, arguments: list[str]) -> Any:
         import optuna

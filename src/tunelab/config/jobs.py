@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab import metrics
 from tunelab.config.compose import compose, composer
 from tunelab.config.naming import key_of
 from tunelab.constants import OPTUNA_SWEEPER, PRUNERS, STUDY_STORES
@@ -38,8 +39,9 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
         return [overrides]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     with composer(return_hydra_config=True) as compose_one:
-        sweeper = compose_job(compose_one, fixed).hydra.sweeper
-    if problems := sweeper_problems(sweeper):
+        composed = compose_job(compose_one, fixed)
+    sweeper = composed.hydra.sweeper
+    if problems := sweeper_problems(sweeper, composed.model.task):
         raise ConfigError(problems)
     searched = _parse(with_preset_space(overrides, sweeper.get("params") or {}))
     common = [o.input_line for o in searched if not o.is_sweep_override()]
@@ -66,11 +68,18 @@ def with_preset_space(overrides: list[str], params: Mapping[str, Any]) -> list[s
     return [*overrides, *(f"{k}={v}" for k, v in params.items() if k not in given)]
 
 
-def sweeper_problems(sweeper: Any) -> list[str]:
+def sweeper_problems(sweeper: Any, task: str) -> list[str]:
     """What is wrong with tunelab's Optuna sweeper's settings (none for another sweeper)."""
     if str(sweeper.get("_target_", "")) != OPTUNA_SWEEPER:
         return []
     found = []
+    reported = metrics.produced(task)
+    pruned_by = sweeper.pruning.get("metric")
+    if sweeper.pruner != "none" and pruned_by and pruned_by not in reported:
+        found.append(
+            f"hydra.sweeper.pruning.metric: {pruned_by!r} is not reported by a {task} run's "
+            f"evaluations; use one of {', '.join(reported)}"
+        )
     if sweeper.pruner not in PRUNERS:
         found.append(
             f"hydra.sweeper.pruner: {sweeper.pruner!r} is not a pruner; use one of "

@@ -81,6 +81,12 @@ def _combination_problems(c: dict[str, Any]) -> list[str]:
                 f"checkpoint.metric: {metric!r} is not produced by this task; "
                 f"one of {', '.join(reported)}"
             )
+    objective = c["sweep"].get("objective")
+    if objective and objective not in (*metrics.produced(model["task"]), "train_loss"):
+        found.append(
+            f"sweep.objective: {objective!r} is not reported by a {model['task']} run; use one "
+            f"of {', '.join((*metrics.produced(model['task']), 'train_loss'))}"
+        )
     if uploads == "best" and not metric:
         found.append("tracking.log_checkpoints=best: needs checkpoint.metric (e.g. eval_loss)")
     found.extend(_arch_problems(model["arch"] or {}))

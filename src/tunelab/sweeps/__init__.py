@@ -22,6 +22,7 @@ from tunelab.sweeps.parent import (
     find_parent,
     forget_failures,
     summary,
+    unranked_objective,
     unrecorded_end,
 )
 from tunelab.sweeps.records import parent_run_id
@@ -40,5 +41,6 @@ __all__ = [
     "objective_name",
     "parent_run_id",
     "summary",
+    "unranked_objective",
     "unrecorded_end",
 ]

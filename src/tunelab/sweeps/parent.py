@@ -76,6 +76,7 @@ def pin_sweep(overrides: list[str], resume: str) -> None:
 
 _failed = 0  # jobs of the last multirun of this process that failed (for the exit status)
 _unrecorded: str | None = None  # why the last multirun's end could not be recorded, if it could not
+_unranked: str | None = None  # the objective no finished job of the last multirun reported
 
 
 def failed_jobs() -> int:
@@ -89,9 +90,15 @@ def unrecorded_end() -> str | None:
     return _unrecorded
 
 
+def unranked_objective() -> str | None:
+    """The objective no finished job of this process's last multirun reported, when none did
+    (the jobs trained, but nothing ranks them)."""
+    return _unranked
+
+
 def forget_failures() -> None:
-    global _failed, _unrecorded
-    _failed, _unrecorded = 0, None
+    global _failed, _unrecorded, _unranked
+    _failed, _unrecorded, _unranked = 0, None, None
 
 
 def start_parent(
@@ -162,6 +169,13 @@ def finish_parent(cfg: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
         draw_picture(cfg, run_id, config.swept_keys())
     client.set_terminated(run_id, "FAILED" if jobs and not done else "FINISHED")
     return jobs
+
+
+def abandon(cfg: DictConfig, parent_id: str, why: str) -> None:
+    """End a parent run FAILED with `why`: its sweep stopped on an error."""
+    client = store.client_for(cfg.tracking.uri)
+    client.set_tag(parent_id, "tunelab.error", why[:5000])
+    client.set_terminated(parent_id, "FAILED")
 
 
 REGISTERED = "tunelab.registered_model"  # on the parent: where the winner was registered
@@ -284,7 +298,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        global _failed, _unrecorded
+        global _failed, _unrecorded, _unranked
         HydraConfig.instance().set_config(config)
         sweep_dir = Path(HydraConfig.get().sweep.dir)
         _failed = len(failures(sweep_dir))  # counted first: the store may be gone
@@ -294,6 +308,11 @@ class SweepCallback(Callback):
             _unrecorded = first_line(exc)
             jobs = [_untracked(f) for f in failures(sweep_dir)]
         print(summary(jobs))
+        finished = [
+            j for j in jobs if j["status"] == "FINISHED" and j.get("trial_state") != "PRUNED"
+        ]
+        if finished and all(j["objective"] is None for j in finished):
+            _unranked = str(finished[0]["objective_name"] or config.sweep.objective)
 
 
 def mark_trial(cfg: DictConfig, parent_id: str, number: int, state: str) -> None:
