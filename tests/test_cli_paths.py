@@ -5,12 +5,15 @@ asked by run id, and `tunelab ui` started, answering and stopped."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import TINY, TINY_MODEL, env, free_port, run_cli, runs_of, wait_for
@@ -113,8 +116,18 @@ def test_tunelab_ui_starts_answers_and_stops(workspace):
         )  # fmt: skip
         found = json.loads(urllib.request.urlopen(search, timeout=10).read())
         assert len(found["runs"]) == 1  # the store `tunelab train` wrote
+        # A viewer for one person: tunelab, MLflow's launcher and one uvicorn worker.
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) <= 3, [" ".join(p.cmdline())[:120] for p in tree]
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C in its terminal
+        began = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in its terminal: its whole process group
         out = proc.communicate(timeout=60)[0]
-    assert proc.returncode is not None and not answers(), out[-2000:]
+        stopped_in = time.monotonic() - began
+    assert proc.returncode == 0 and not answers(), out[-2000:]
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert stopped_in < 3, stopped_in  # about 1.5 s on an idle machine
     assert f"tunelab: MLflow UI for {workspace.uri} at {base}" in out
+    assert out.rstrip().endswith("tunelab: MLflow UI stopped"), out[-2000:]
+    quiet = ("Traceback", "Warning", "INFO", "GET /")
+    assert not [line for line in out.splitlines() if any(q in line for q in quiet)], out

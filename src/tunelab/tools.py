@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -152,8 +154,46 @@ def ui(args: list[str]) -> None:
     uri = resolve_uri(opts.uri)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", "127.0.0.1", "--port", str(opts.port)]
-    print(f"tunelab: MLflow UI for {uri} at http://127.0.0.1:{opts.port}", flush=True)
-    os.execv(sys.executable, cmd)
+    # A viewer for one person: one worker, no access log, quick to shut down; no job runner
+    # (MLflow's GenAI jobs), no Starlette deprecation warnings.
+    cmd += ["--workers", "1", "--uvicorn-opts", "--no-access-log --log-level warning "
+            "--timeout-graceful-shutdown 1"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), _QUIET]))
+    print(f"tunelab: MLflow UI for {uri} at http://127.0.0.1:{opts.port} (Ctrl-C stops it)",
+          flush=True)  # fmt: skip
+    _serve_until_stopped(cmd, env, "MLflow UI")
+
+
+# Python's -W filters (by message: a category outside the standard library cannot be named).
+_QUIET = "ignore::DeprecationWarning,ignore:starlette"
+
+
+def _serve_until_stopped(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Run a server in a session of its own until it exits, or until Ctrl-C or SIGTERM here:
+    then it gets one SIGTERM (its own clean shutdown; a terminal's Ctrl-C would otherwise reach
+    each of its processes at once), and SIGKILL if it is not gone in 3 s."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print(f"tunelab: {what} stopped", flush=True)
+        return
+    if code:
+        raise SystemExit(f"tunelab: {what} exited with status {code} (see above)")
 
 
 def cache(args: list[str]) -> None:
