@@ -25,6 +25,7 @@ from tunelab import manifests
 from tunelab import teamserver as team_server
 from tunelab.errors import ServerError
 from tunelab.teamserver.processes import group_alive
+from tunelab.tracking import store
 
 
 def _state_dir(prefix: str) -> Path:
@@ -97,11 +98,14 @@ def test_every_printed_link_points_at_the_server_used(team, team_sweep):
     client, runs = runs_of(team.url, "team")
     experiment_id = runs[0].info.experiment_id
     links = re.findall(r"MLflow UI: (\S+)", stdout)
-    expected = {f"{team.url}/#/experiments/{experiment_id}/runs/{r.info.run_id}" for r in runs}
+    expected = {
+        f"{team.url}/#/experiments/{experiment_id}/runs/{r.info.run_id}{store.MODEL_TRAINING}"
+        for r in runs
+    }
     assert len(links) == 4 and set(links) <= expected, stdout[-3000:]
     assert "tunelab ui" not in stdout and ":5000" not in stdout
     # `tunelab runs`, given the server by --uri or by MLFLOW_TRACKING_URI, links to it too.
-    page = f"MLflow UI: {team.url}/#/experiments/{experiment_id}"
+    page = f"MLflow UI: {team.url}/#/experiments/{experiment_id}{store.MODEL_TRAINING}"
     ws, _ = team_sweep
     by_flag = run_cli("runs", "--uri", team.url, "--experiment", "team", cwd=ws).stdout
     by_env = run_cli("runs", "--experiment", "team", cwd=ws,

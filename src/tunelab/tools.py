@@ -20,7 +20,7 @@ from tunelab import config, inference, sweeps, teamserver, tracking
 from tunelab.data import cache as data_cache
 from tunelab.errors import ModelRefused
 from tunelab.metrics import SUMMARY
-from tunelab.tracking.store import resolve_uri, ui_hint
+from tunelab.tracking.store import MODEL_TRAINING, resolve_uri, ui_hint
 
 
 def _positive(text: str) -> int:
@@ -160,8 +160,8 @@ def ui(args: list[str]) -> None:
             "--timeout-graceful-shutdown 1"]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), _QUIET]))
-    print(f"tunelab: MLflow UI for {uri} at http://127.0.0.1:{opts.port} (Ctrl-C stops it)",
-          flush=True)  # fmt: skip
+    page = f"http://127.0.0.1:{opts.port}/#/experiments{MODEL_TRAINING}"
+    print(f"tunelab: MLflow UI for {uri} at {page} (Ctrl-C stops it)", flush=True)
     _serve_until_stopped(cmd, env, "MLflow UI")
 
 

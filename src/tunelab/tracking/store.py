@@ -156,7 +156,12 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     address, or `tunelab ui`'s local one for a file or database store."""
     base = uri.rstrip("/") if is_server(uri) else LOCAL_UI
     page = f"{base}/#/experiments/{experiment_id}"
-    return f"{page}/runs/{run_id}" if run_id else page
+    return (f"{page}/runs/{run_id}" if run_id else page) + MODEL_TRAINING
+
+
+# The UI's switch between its GenAI and model-training views is kept in the browser (GenAI by
+# default); a link that says which one opens the latter, and the browser keeps it from then on.
+MODEL_TRAINING = "?workflowType=machine_learning"
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
