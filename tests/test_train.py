@@ -294,6 +294,58 @@ def test_mlflow_models_serve_continues_inputs_as_greedy_decoding_does(trained, t
     assert sampled != default
 
 
+@pytest.mark.slow  # a real scoring server
+def test_tunelab_serve_from_a_fresh_shell_serves_the_run_named_in_its_summary(trained, tmp_path):
+    """The summary names the Logged Model and the command that serves it; `tunelab serve
+    RUN_ID`, run by path from a shell whose PATH lacks the environment's bin directory (MLflow's
+    scoring server starts `uvicorn` by name), answers /invocations as the model does, and
+    Ctrl-C stops it."""
+    import os
+    import signal
+    import urllib.request
+
+    from tests.helpers import free_port, run_cli, wait_for
+
+    ws, run_dir, result = trained
+    client, (run,) = runs_of(ws)
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    uri = f"models:/{model.model_id}"
+    said = f"  model    : {uri}  (serve it: tunelab serve {run.info.run_id})"
+    assert said in result.stdout.splitlines(), result.stdout
+    assert run.data.tags["tunelab.model_uri"] == uri
+    listed = run_cli("runs", "--uri", ws.uri, cwd=ws.root).stdout
+    assert uri in listed.splitlines()[1], listed
+    assert f"tunelab serve {run.info.run_id}" in (run_dir / "model" / "README.md").read_text()
+    port = free_port()
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tunelab"), "serve", run.info.run_id, "--port",
+         str(port), "--uri", ws.uri],
+        cwd=tmp_path, env=fresh, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(answers, proc, timeout=240)
+        served = invoke(url, {"inputs": [PROMPT], "params": {"max_new_tokens": 2}})
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in its terminal
+        out = proc.communicate(timeout=60)[0]
+    assert served["predictions"] == [PROMPT + continuation(run_dir / "model", PROMPT, 2)]
+    assert proc.returncode == 0, out[-3000:]
+    assert out.splitlines()[0] == (
+        f'tunelab: serving {uri} at {url}/invocations (POST {{"inputs": [...]}}; Ctrl-C stops it)'
+    )
+    assert "Traceback" not in out and out.rstrip().endswith("tunelab: model server stopped")
+
+
 def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):
     ws, run_dir, _ = trained
     client, (run,) = runs_of(ws)

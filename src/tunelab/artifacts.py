@@ -158,8 +158,19 @@ model = {info.auto_class}.from_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```
 
-`tunelab.yaml` is the resolved config of the run; `manifest.json` lists the sha256 and size of
-every file, the library versions and the git commit.
+{_serve_card(info)}`tunelab.yaml` is the resolved config of the run; `manifest.json` lists the
+sha256 and size of every file, the library versions and the git commit.
+"""
+
+
+def _serve_card(info: ArtifactInfo) -> str:
+    if not info.mlflow_run_id:
+        return ""
+    return f"""## Serve
+
+`tunelab serve {info.mlflow_run_id}` serves the run's Logged Model over HTTP (MLflow's scoring
+server: POST {{"inputs": [...]}} to /invocations); `tunelab runs` names its `models:/` URI.
+
 """
 
 

@@ -35,13 +35,15 @@ commands:
                       load a model (directory, run id or runs:/ URI) and continue PROMPT
   predict PATH|RUN_ID TEXT...
                       label each TEXT with a classifier, or tag its words with a tagger
+  serve RUN_ID|models:/... [--port N]
+                      serve a run's model over HTTP (MLflow's scoring server, 127.0.0.1)
   ui [--port N]       MLflow UI on the same store `tunelab train` writes to (127.0.0.1)
   cache [prune]       the prepared-data cache under output.root: list it, or prune it now
   server [--dir DIR] [--port N]
                       a team tracking server: MLflow on PostgreSQL, proxied artifacts, on
                       127.0.0.1 (`make server`); runs use tracking.uri=http://127.0.0.1:N
 
-`runs`, `export`, `register`, `generate`, `predict` and `ui` take --uri (default: the store
+`runs`, `export`, `register`, `generate`, `predict`, `serve` and `ui` take --uri (default: the store
 `train` uses: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).
 
 examples:
@@ -60,6 +62,7 @@ TOOL_NAMES = (
     "register",
     "generate",
     "predict",
+    "serve",
     "ui",
     "cache",
     "server",

@@ -69,6 +69,7 @@ def run(
         ui_hint=tracked.tracker.ui_hint or _upload_hint(cfg),
         objective=published.value,
         early_stopping=published.early_stopping,
+        model_uri=published.model_uri,
     )
 
 
@@ -95,6 +96,7 @@ class RunResult:
     objective: float | None = None
     already_finished: bool = False  # nothing was trained: the run directory held the artifact
     early_stopping: dict[str, Any] | None = None  # what the manifest says of it
+    model_uri: str | None = None  # the Logged Model: what `tunelab serve` and mlflow serve take
 
     def summary(self) -> str:
         shown = {
@@ -118,6 +120,8 @@ class RunResult:
                 f"{early.get('weights_step', early['best_step'])}'s model (best "
                 f"{early['metric']}={early['best_value']:.4g} at step {early['best_step']})"
             )
+        if self.model_uri:
+            lines.append(f"  model    : {self.model_uri}  (serve it: tunelab serve {self.run_id})")
         if self.ui_hint:
             lines.append(f"  MLflow UI: {self.ui_hint}")
         return "\n".join(lines)

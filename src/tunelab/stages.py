@@ -245,6 +245,7 @@ class Published:
     objective: str
     value: float | None
     early_stopping: dict[str, Any] | None = None
+    model_uri: str | None = None  # the run's Logged Model (models:/m-...), when tracked
 
 
 def publish(
@@ -287,7 +288,10 @@ def publish(
         artifacts.save_final(artifact, model.module, inputs.tokenizer, yaml, info, weights)
     tracker = tracked.tracker
     tracking.log_outcome(tracker, objective, sweeps.direction(cfg, objective))
-    tracker.log_model(artifact, final, trainer.state.global_step)
+    model_id = tracker.log_model(artifact, final, trainer.state.global_step)
+    model_uri = f"models:/{model_id}" if model_id else None
+    if model_uri:  # `tunelab runs` and `tunelab serve` read it back
+        tracker.set_tags({tracking.MODEL_URI_TAG: model_uri})
     if (run_dir / ".hydra").is_dir():
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
-    return Published(artifact, objective, final.get(objective), info.early_stopping)
+    return Published(artifact, objective, final.get(objective), info.early_stopping, model_uri)

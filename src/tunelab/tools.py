@@ -67,10 +67,10 @@ def runs(args: list[str]) -> None:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
     header = ["run id", "name", "status", *SUMMARY]
-    header += ["duration", "artifact"]
+    header += ["duration", "model", "artifact"]
     table = [
         [r["run_id"][:12], _cut(r["name"], 40), r["status"], *(cell(r[m]) for m in SUMMARY),
-         f"{r['duration_s']:.0f}s", r["artifact"]]
+         f"{r['duration_s']:.0f}s", r["model"] or "-", r["artifact"]]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
@@ -110,6 +110,25 @@ def register(args: list[str]) -> None:
         f"registered run {opts.run} as {done.name} version {done.version} (@{done.alias}); "
         f"load it with {done.uri}"
     )
+
+
+def serve(args: list[str]) -> None:
+    parser = _parser("serve", "Serve a run's model over HTTP with MLflow's scoring server.")
+    parser.add_argument("model", help="a run id, runs:/ID, or models:/m-ID | NAME@ALIAS | NAME/N")
+    parser.add_argument("--port", type=_port, default=5001)
+    opts = parser.parse_args(args)
+    uri = resolve_uri(opts.uri)
+    model_uri = tracking.registry.servable(uri, opts.model)
+    # MLflow's scoring server starts `uvicorn` by name: this environment's, from any shell.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env["PATH"] = os.pathsep.join(filter(None, [bin_dir, os.environ.get("PATH")]))
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), _QUIET]))
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(opts.port)]  # fmt: skip
+    print(f"tunelab: serving {model_uri} at http://127.0.0.1:{opts.port}/invocations "
+          '(POST {"inputs": [...]}; Ctrl-C stops it)', flush=True)  # fmt: skip
+    _serve_until_stopped(cmd, env, "model server")
 
 
 def generate(args: list[str]) -> None:
@@ -245,4 +264,5 @@ def server(args: list[str]) -> None:
 
 
 TOOLS = {"runs": runs, "export": export, "register": register, "generate": generate,
-         "predict": predict, "ui": ui, "cache": cache, "server": server}  # fmt: skip
+         "predict": predict, "serve": serve, "ui": ui, "cache": cache,
+         "server": server}  # fmt: skip

@@ -22,6 +22,7 @@ from tunelab.tracking.lifecycle import complete_upload, open_run, recording
 from tunelab.tracking.mlflow_tracker import MlflowTracker
 from tunelab.tracking.records import log_inputs, log_outcome, log_processes, run_tags
 from tunelab.tracking.store import (
+    MODEL_URI_TAG,
     TrackingUnavailable,
     check_reachable,
     client_for,
@@ -34,6 +35,7 @@ from tunelab.tracking.values import MAX_PARAM_VALUE, flatten
 __all__ = [
     "MAX_PARAM_VALUE",
     "MODEL_URI_SCHEMES",
+    "MODEL_URI_TAG",
     "MlflowTracker",
     "registry",
     "NullTracker",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.errors import ModelNotFound
+from tunelab.errors import ModelNotFound, first_line
 from tunelab.tracking import store
 
 CHAMPION = "champion"
@@ -40,6 +40,38 @@ def logged_model_of(client: Any, run_id: str) -> str:
             "model can be registered"
         )
     return str(max(outputs, key=lambda o: o.step).model_id)
+
+
+def servable(uri: str | None, ref: str) -> str:
+    """The `models:/` URI MLflow's scoring server takes for `ref`: a run id or runs:/ID/...
+    (the run's Logged Model), models:/m-ID, models:/NAME@ALIAS or models:/NAME/VERSION, each
+    checked against the store; ModelNotFound (one line) otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    client = store.client_for(uri)
+    if not ref.startswith("models:/"):
+        if "/" in ref.removeprefix("runs:/").strip("/").split("/", 1)[0] or ref.startswith(
+            (".", "/", "~")
+        ):
+            raise ModelNotFound(
+                f"{ref!r}: give a run id, runs:/ID or a models:/ URI (a directory is not an "
+                "MLflow model; `tunelab predict|generate DIR` load one)"
+            )
+        run_id = ref.removeprefix("runs:/").strip("/").split("/", 1)[0]
+        return f"models:/{logged_model_of(client, run_id)}"
+    name = ref.removeprefix("models:/")
+    try:
+        if name.startswith("m-") and "@" not in name and "/" not in name:
+            client.get_logged_model(name)
+        elif "@" in name:
+            client.get_model_version_by_alias(*name.split("@", 1))
+        elif "/" in name:
+            client.get_model_version(*name.split("/", 1))
+        else:
+            raise ModelNotFound(f"{ref!r}: say which version, models:/{name}@champion or /1")
+    except MlflowException as exc:
+        raise ModelNotFound(f"{ref}: not in this store ({first_line(exc)})") from None
+    return ref
 
 
 def register(

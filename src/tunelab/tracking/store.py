@@ -16,6 +16,7 @@ from tunelab.errors import TrackingUnavailable, first_line
 from tunelab.tracking.liveness import repair_stale
 
 LOCAL_UI = "http://127.0.0.1:5000"  # what `tunelab ui` serves a local store on
+MODEL_URI_TAG = "tunelab.model_uri"  # on a run: its Logged Model, models:/m-...
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -220,6 +221,7 @@ def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[
                 **{name: m.get(name) for name in metrics.SUMMARY},
                 "duration_s": (end - info.start_time) / 1000,
                 "artifact": _artifact_of(run.data.tags),
+                "model": run.data.tags.get(MODEL_URI_TAG),
             }
         )
     return rows
