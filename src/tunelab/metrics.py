@@ -33,8 +33,23 @@ TASKS = tuple(TASK_METRICS)
 # Metrics where larger is better; anything else (losses, perplexity) is minimised.
 _MAXIMISED = ("accuracy", "exact_match", "f1", "precision", "recall", "bleu", "rouge")
 
-# The columns `tunelab runs` shows.
-SUMMARY = ("eval_exact_match", "eval_loss")
+# The columns `tunelab runs` shows for each task's runs (the listed runs' tasks together, and
+# each run's objective when it is another metric).
+SHOWN: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("eval_exact_match", "eval_loss"),
+    "sequence_classification": ("eval_accuracy", "eval_f1", "eval_loss"),
+    "token_classification": ("eval_f1", "eval_accuracy", "eval_loss"),
+}
+
+
+def columns(tasks: list[str | None], objectives: list[str | None]) -> list[str]:
+    """The metric columns for runs of `tasks` (in order of first appearance) that optimise
+    `objectives`: each task's own, then any objective not among them; eval_loss last."""
+    found: list[str] = []
+    for name in [m for task in tasks for m in SHOWN.get(task or "", ())] + list(objectives):
+        if name and name not in found:
+            found.append(name)
+    return [m for m in found if m != "eval_loss"] + (["eval_loss"] if found else [])
 
 
 def eval_name(metric: str) -> str:
@@ -79,12 +94,26 @@ def default_objective(
     return "eval_loss"
 
 
+# What Trainer logs about its own bookkeeping (running time, rates, FLOPs, epochs, tokens): kept
+# as run tags (`trainer.<name>`, the latest value), out of the metric charts, which lead with
+# the loss and the task's metrics.
+BOOKKEEPING = (
+    "epoch", "total_flos", "num_input_tokens_seen", "train_runtime", "train_samples_per_second",
+    "train_steps_per_second", "train_tokens_per_second", "eval_runtime",
+    "eval_samples_per_second", "eval_steps_per_second",
+)  # fmt: skip
+
+
 def final(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The evaluation metrics of a finished run (linked to its Logged Model)."""
+    """The evaluation metrics of a finished run (linked to its Logged Model), its bookkeeping
+    left out."""
     return {
         k: float(v)
         for k, v in metrics.items()
-        if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k.startswith("eval_")
+        and k not in BOOKKEEPING
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
     }
 
 

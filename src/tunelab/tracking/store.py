@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tunelab import metrics
 from tunelab.errors import TrackingUnavailable, first_line
 from tunelab.tracking.liveness import repair_stale
 
@@ -218,7 +217,9 @@ def recent_runs(uri: str | None, experiment: str, limit: int = 20) -> list[dict[
                 "experiment_id": str(exp.experiment_id),
                 "name": info.run_name,
                 "status": info.status,
-                **{name: m.get(name) for name in metrics.SUMMARY},
+                "task": run.data.params.get("model.task"),
+                "objective": run.data.tags.get("tunelab.objective"),
+                "metrics": dict(m),
                 "duration_s": (end - info.start_time) / 1000,
                 "artifact": _artifact_of(run.data.tags),
                 "model": run.data.tags.get(MODEL_URI_TAG),
