@@ -105,6 +105,28 @@ def test_a_fresh_run_directory_takes_the_suffix_it_is_handed():
     assert config.run_dir_name(["seed=1"], "never") == f"seed-1@{config.own_fresh_suffix()}"
 
 
+def test_a_runs_mlflow_name_leads_with_what_sets_it_apart():
+    """The two runs a user could not tell apart (a full fine-tune and a LoRA run of the same
+    data): model, task, peft and the learning rate first, paths as file stems, numbers to 3
+    significant digits; the directory name is unchanged, and `name=` sets the name alone."""
+    common = [
+        "checkpoint.every=15", "data.eval=/tmp/x/intents_eval.csv", "model=hf",
+        "data.label_column=intent", "data.train=/tmp/x/intents_train.csv", "data=text_files",
+        "model.name_or_path=/models/all-MiniLM-L6-v2", "model.task=sequence_classification",
+    ]  # fmt: skip
+    full = config.display_name([*common, "training.lr=0.0008459126528049375"])
+    lora = config.display_name([*common, "peft=lora", "training.lr=3e-4"])
+    assert full.startswith("model=all-MiniLM-L6-v2 task=cls train=intents_train lr=0.000846 ")
+    assert lora.startswith("model=all-MiniLM-L6-v2 task=cls peft=lora train=intents_train ")
+    assert "lr=0.0003 " in lora and full != lora
+    assert config.display_name([]) == "default"
+    assert config.display_name(["seed=1"], "my baseline") == "my baseline"
+    assert config.run_name(["seed=1", "name=my baseline"]) == config.run_name(["seed=1"])
+    assert (
+        config.display_name(["model.name_or_path=/o/tunelab/run-a1/model"]) == "model=run-a1/model"
+    )
+
+
 def test_run_name_is_stable_readable_and_safe():
     a = config.run_name(["training.lr=1e-4", "seed=2"])
     assert a == config.run_name(["seed=2", "training.lr=1e-4"]) == "seed-2+training.lr-1e-4"

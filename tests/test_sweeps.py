@@ -63,9 +63,10 @@ def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace, launcher):
     client, (parent,), kids = parents_and_children(workspace)
     assert len(kids) == 4
     assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
+    # Each child is named by what sets it apart, as a person reads it (its directory by the
+    # same keys, spelled safe for any filesystem).
     assert sorted(k.info.run_name for k in kids) == [
-        "seed-1+training.lr-0.001", "seed-1+training.lr-0.003",
-        "seed-2+training.lr-0.001", "seed-2+training.lr-0.003",
+        "lr=0.001 seed=1", "lr=0.001 seed=2", "lr=0.003 seed=1", "lr=0.003 seed=2",
     ]  # fmt: skip
     assert {(k.data.params["training.lr"], k.data.params["seed"]) for k in kids} == {
         ("0.001", "1"), ("0.001", "2"), ("0.003", "1"), ("0.003", "2"),
@@ -80,12 +81,22 @@ def test_grid_sweep_has_one_parent_and_a_child_per_job(workspace, launcher):
     assert parent.data.metrics["best_eval_exact_match"] == top
     # Job directories are named after what sets each job apart, inside the sweep's directory.
     jobs = sorted(p.name for p in sweep_dir(workspace).iterdir() if p.is_dir())
-    assert jobs == sorted(k.info.run_name for k in kids)
+    assert jobs == sorted(
+        f"seed-{k.data.params['seed']}+training.lr-{k.data.params['training.lr']}" for k in kids
+    )
     assert "sweep finished, best first" in proc.stdout
     # `tunelab runs --sweep` lists the jobs side by side, best first.
     out = run_cli("runs", "--sweep", parent.info.run_id, "--uri", workspace.uri, cwd=workspace.root)
-    lines = [ln for ln in out.stdout.splitlines() if "training.lr" in ln]
+    lines = [ln for ln in out.stdout.splitlines() if "lr=" in ln]
     assert len(lines) == 4 and best.info.run_name in lines[0]
+    # A job is not a sweep: one line naming its sweep, exit 1.
+    job = run_cli("runs", "--sweep", best.info.run_id, "--uri", workspace.uri,
+                  cwd=workspace.root, check=False)  # fmt: skip
+    assert job.returncode == 1 and job.stdout == "", job.stderr
+    assert job.stderr.strip() == (
+        f"tunelab runs: run {best.info.run_id} is not a sweep's parent run; it is a job of the "
+        f"sweep {parent.info.run_id}: tunelab runs --sweep {parent.info.run_id}"
+    )
 
 
 @pytest.mark.slow
@@ -94,7 +105,7 @@ def test_submitit_local_launcher_runs_jobs_as_child_runs(workspace):
         workspace, "seed=1,2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"
     )
     _, (parent,), kids = parents_and_children(workspace)
-    assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2"]
+    assert sorted(k.info.run_name for k in kids) == ["seed=1", "seed=2"]
     assert {k.info.status for k in kids} == {"FINISHED"} and parent.info.status == "FINISHED"
     # Each job ran in a process of its own, not in the sweep's.
     pids = {k.data.tags["tunelab.pid"] for k in kids}
@@ -108,9 +119,9 @@ def test_a_failed_job_is_failed_in_mlflow_and_the_others_go_on(workspace):
     assert proc.returncode == 1
     _, (parent,), kids = parents_and_children(workspace)
     status = {k.info.run_name: k.info.status for k in kids}
-    assert status == {"training.device-cpu": "FINISHED", "training.device-cuda": "FAILED"}
+    assert status == {"device=cpu": "FINISHED", "device=cuda": "FAILED"}
     assert parent.data.tags["tunelab.sweep_failed_jobs"] == "1"
-    failed_line = [ln for ln in proc.stdout.splitlines() if "training.device-cuda" in ln]
+    failed_line = [ln for ln in proc.stdout.splitlines() if "device=cuda  ->" in ln]
     assert failed_line and "FAILED" in failed_line[0] and "no CUDA device" in failed_line[0]
 
 
@@ -148,7 +159,7 @@ def test_an_interrupted_sweep_reruns_without_redoing_finished_jobs(workspace):
     assert "resuming from" in rerun.stderr + rerun.stdout
     client, parents, kids = parents_and_children(workspace)
     assert [p.info.run_id for p in parents] == [record["parent_run_id"]]
-    assert sorted(k.info.run_name for k in kids) == ["seed-1", "seed-2", "seed-3"]
+    assert sorted(k.info.run_name for k in kids) == ["seed=1", "seed=2", "seed=3"]
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert parents[0].info.status == "FINISHED"
 

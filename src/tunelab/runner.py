@@ -36,7 +36,7 @@ def run(
     from tunelab import stages
 
     run_dir, tags = Path(run_dir), tags or {}
-    name = name or config.run_name(overrides)
+    name = name or config.display_name(overrides, cfg.get("name"))
     resolved = config.resolved(cfg)
     distributed.same_config(resolved, run_dir)  # every rank trains the same thing, or none does
     with _held(run_dir):

@@ -19,6 +19,8 @@ from tunelab.config.compose import compose, composer, serve_experiments
 from tunelab.config.jobs import compose_job, job_overrides, trains, with_preset_space
 from tunelab.config.naming import (
     digest,
+    display_name,
+    job_display_name,
     job_name,
     key_of,
     own_fresh_suffix,
@@ -42,6 +44,8 @@ __all__ = [
     "compose_job",
     "composer",
     "digest",
+    "display_name",
+    "job_display_name",
     "job_name",
     "job_overrides",
     "key_of",

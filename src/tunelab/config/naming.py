@@ -9,13 +9,14 @@ import os
 import re
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 # Overrides that do not change what is trained, so they do not change the run's directory.
 _NAME_EXCLUDED = ("resume", "tracking", "output", "training.progress_bar", "sweep", "hydra",
-                  "data.cache_max_gb", "data.cache_max_age_days")  # fmt: skip
+                  "data.cache_max_gb", "data.cache_max_age_days", "name")  # fmt: skip
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 _MAX_NAME = 120
 
@@ -43,6 +44,70 @@ def run_name(overrides: Iterable[str]) -> str:
         digest = hashlib.sha1("\0".join(kept).encode()).hexdigest()[:8]
         name = f"{name[:_MAX_NAME]}-{digest}"
     return name
+
+
+# A run's MLflow name leads with what most sets it apart: these keys first, in this order.
+_LEADING = ("model.name_or_path", "model.task", "peft", "peft.r", "data.train")
+_TASKS = {"causal_lm": "lm", "sequence_classification": "cls", "token_classification": "tag"}
+# Then the other keys by group: what is trained how, before where its data and checkpoints are.
+_GROUPS = ("training", "model", "peft", "seed", "", "data", "checkpoint")
+_MAX_VALUE = 28
+_MAX_DISPLAY = 120
+
+
+def display_name(overrides: Iterable[str], given: str | None = None) -> str:
+    """The run's name in MLflow (the directory keeps `run_name`'s): `given` (the `name` key)
+    when set; else the overrides as a person reads them, leading with the model, the task,
+    peft and the data, then the rest by key: each key by its last part (`lr=0.000846`),
+    numbers to 3 significant digits, paths as their file's stem. `default` without overrides.
+    E.g. `model=all-MiniLM-L6-v2 task=cls peft=lora lr=0.000846 train=intents`."""
+    if given:
+        return given
+    kept = [o.lstrip("+~") for o in overrides if not _excluded(o) and "=" in o]
+    keys = {key_of(o) for o in kept}
+    # A group's choice adds nothing beside the key that says what it loads.
+    kept = [
+        o
+        for o in kept
+        if not (o.startswith("model=") and "model.name_or_path" in keys)
+        and not (o.startswith("data=") and "data.train" in keys)
+    ]
+    if not kept:
+        return "default"
+    lasts = [key_of(o).rsplit(".", 1)[-1] for o in kept]
+
+    def order(o: str) -> tuple[int, int, str]:
+        key = key_of(o)
+        group = _GROUPS.index(key.split(".")[0]) if key.split(".")[0] in _GROUPS else 4
+        return (_LEADING.index(key) if key in _LEADING else len(_LEADING), group, key)
+
+    parts = []
+    for override in sorted(kept, key=order):
+        key, _, value = override.partition("=")
+        last = key.rsplit(".", 1)[-1]
+        short = {"name_or_path": "model"}.get(last, last) if lasts.count(last) == 1 else key
+        parts.append(f"{short}={_readable(key, value)}")
+    name = " ".join(parts)
+    return name if len(name) <= _MAX_DISPLAY else name[: _MAX_DISPLAY - 3] + "..."
+
+
+def _readable(key: str, value: str) -> str:
+    if key == "model.task":
+        return _TASKS.get(value, value)
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        if not value.lstrip("-").isdigit() and number == number:
+            return f"{number:.3g}"
+        return value
+    if "/" in value or value.endswith((".jsonl", ".json", ".csv", ".parquet", ".txt")):
+        path = Path(value.rstrip("/"))
+        value = path.stem if path.suffix else path.name
+        if value in ("model", "adapter") and path.parent.name:
+            value = f"{path.parent.name}/{value}"
+    return value if len(value) <= _MAX_VALUE else value[: _MAX_VALUE - 3] + "..."
 
 
 def digest(resolved: dict[str, Any]) -> str:
@@ -115,6 +180,14 @@ def sweep_dir_name(overrides: Iterable[str], resume: str = "auto") -> str:
     """The sweep's directory: fixed once for the whole sweep (a job's own overrides would
     otherwise re-derive it), from the sweep overrides, so the same -m command finds it again."""
     return str(_sweep().get("dir_name") or run_dir_name(overrides, resume))
+
+
+def job_display_name(overrides: Iterable[str], given: str | None = None) -> str:
+    """A sweep job's MLflow name: what sets it apart from its siblings, as a person reads it
+    (`lr=0.00132 batch_size=128`), after `given` (the `name` key) when set."""
+    swept = set(swept_keys())
+    own = display_name([o for o in overrides if key_of(o) in swept])
+    return f"{given} {own}" if given else own
 
 
 def job_name(overrides: Iterable[str]) -> str:

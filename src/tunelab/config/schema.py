@@ -184,6 +184,7 @@ class TrainSchema:
     peft: Any  # picked by peft.method, see PEFT_SCHEMAS
     seed: Annotated[int, _SEED]
     resume: str
+    name: str | None  # the run's name in MLflow (null: from the overrides)
 
 
 DATA_SCHEMAS: dict[str, type] = {"addition": AdditionDataSchema, "files": FilesDataSchema}

@@ -46,18 +46,19 @@ class Job:
     trial: TrialRef | None = None
 
 
-def current_job() -> Job:
+def current_job(given_name: str | None = None) -> Job:
     """The job Hydra is running (a single run, or a sweep's job, whose earlier failure note is
-    cleared: it is tried again)."""
+    cleared: it is tried again); `given_name`: the config's `name`, if set."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     job = Job(Path(hc.runtime.output_dir), list(hc.overrides.task))
     if hc.mode != RunMode.MULTIRUN:
+        job.name = config.display_name(job.overrides, given_name)
         return job
     job.in_sweep, job.num = True, int(hc.job.num)
-    job.name = config.job_name(hc.overrides.task)
+    job.name = config.job_display_name(hc.overrides.task, given_name)
     job.tags = {"tunelab.sweep_id": Path(hc.sweep.dir).name, "tunelab.job_num": str(hc.job.num)}
     parent = parent_run_id(hc.sweep.dir)
     if parent:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from tunelab import config, tracking
 from tunelab.constants import OPTUNA_SWEEPER
-from tunelab.errors import first_line
+from tunelab.errors import TunelabError, first_line
 from tunelab.sweeps import report
 from tunelab.sweeps.records import failures, parent_run_id, write_record
 from tunelab.tracking import store
@@ -109,7 +109,7 @@ def start_parent(
     (`previous`, else the one the sweep directory records) or of another worker."""
     if cfg.tracking.backend == "none":
         return None
-    name = config.run_name(task_overrides)
+    name = config.display_name(task_overrides, cfg.get("name"))
     tags = {
         **process_tags(),  # so stale-run repair ends it if this process dies
         "tunelab.sweep": "parent",
@@ -248,9 +248,17 @@ def find_parent(
     client = store.client_for(uri)
     try:
         run = client.get_run(ref)
-        return run.data.tags, children(client, run.info.run_id)
     except MlflowException:
         pass
+    else:
+        tags = run.data.tags
+        if tags.get("tunelab.sweep") != "parent":
+            of = tags.get("mlflow.parentRunId")
+            raise TunelabError(
+                f"run {ref} is not a sweep's parent run"
+                + (f"; it is a job of the sweep {of}: tunelab runs --sweep {of}" if of else "")
+            )
+        return tags, children(client, run.info.run_id)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         for name in (ref, f"sweep:{ref}"):
@@ -262,7 +270,10 @@ def find_parent(
             )
             if found:
                 return found[0].data.tags, children(client, found[0].info.run_id)
-    raise RuntimeError(f"no sweep {ref!r} in experiment {experiment!r}")
+    raise TunelabError(
+        f"no sweep {ref!r} in experiment {experiment!r} (give its parent run's id or name, as "
+        "`tunelab runs` lists them)"
+    )
 
 
 def summary(jobs: list[dict[str, Any]]) -> str:
