@@ -88,6 +88,32 @@ def test_a_classifier_trains_through_the_cli_and_answers_by_run_id(workspace):
                   cwd=workspace.root).stdout.strip().splitlines()  # fmt: skip
     assert [line.split("\t")[0] for line in out] == ["good film", "bad film"]
     assert all(line.split("\t")[1].split()[0] in ("neg", "pos") for line in out), out
+    # `tunelab runs` shows a classifier's own metrics, its objective among them.
+    listed = run_cli("runs", "--uri", workspace.uri, cwd=workspace.root).stdout.splitlines()
+    header = listed[0]
+    assert "  eval_accuracy  eval_f1  eval_loss  " in header, header
+    assert "eval_exact_match" not in header
+    f1 = listed[1][header.index("eval_f1") :].split()[0]
+    assert float(f1) == pytest.approx(run.data.metrics["eval_f1"], abs=1e-4), listed
+    # Its report: per class, the mistakes, the pictures; the accuracy they imply is the one
+    # Trainer's metrics reported.
+    import csv
+
+    from mlflow.artifacts import download_artifacts
+
+    report = Path(download_artifacts(run_id=run.info.run_id, artifact_path="report",
+                                     dst_path=str(workspace.root / "report"),
+                                     tracking_uri=workspace.uri))  # fmt: skip
+    assert {"confusion_matrix.png", "per_class.png", "loss.png"} <= {p.name for p in
+                                                                      report.iterdir()}  # fmt: skip
+    classes = list(csv.DictReader((report / "per_class.csv").open()))
+    assert [c["label"] for c in classes] == ["neg", "pos"]
+    total = sum(int(c["support"]) for c in classes)
+    assert total == int(run.data.params["data.eval_examples"])
+    wrong = list(csv.DictReader((report / "misclassified.csv").open()))
+    assert all(w["true"] != w["predicted"] and "film" in w["text"] for w in wrong), wrong
+    accuracy = (total - len(wrong)) / total
+    assert accuracy == pytest.approx(run.data.metrics["eval_accuracy"], abs=1e-6)
 
 
 @pytest.mark.slow  # a real MLflow server process

@@ -206,7 +206,10 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_status(trained):
     ws, run_dir, _ = trained
     client, (run,) = runs_of(ws)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == run_dir.name
+    # Named as a person reads its overrides (the directory: the same, spelled for a filesystem).
+    name = run.info.run_name
+    assert name.startswith("batch_size=16 ") and " max_steps=8 " in name and " n_embd=32" in name
+    assert run_dir.name.startswith("checkpoint-none+")
     params = run.data.params
     assert params["training.max_steps"] == "8"
     assert params["model.arch.n_embd"] == "32"
@@ -364,6 +367,12 @@ def test_run_records_sizes_datasets_throughput_and_system_metrics(trained):
     assert "system/cpu_utilization_percentage" in system, system
     tags = run.data.tags
     assert "transformers" in tags["tunelab.versions"] and tags["mlflow.note.content"]
+    # Trainer's bookkeeping is kept as tags, out of the metric charts.
+    charted = set(run.data.metrics)
+    assert not charted & {"epoch", "total_flos", "train_runtime", "eval_runtime",
+                          "num_input_tokens_seen", "train_samples_per_second"}, charted  # fmt: skip
+    assert float(tags["trainer.train_runtime"]) > 0 and float(tags["trainer.total_flos"]) > 0
+    assert float(tags["trainer.epoch"]) > 0
 
 
 def test_artifacts_live_beside_the_store(trained):
@@ -460,3 +469,41 @@ def test_finetune_a_local_model_on_jsonl_files(trained, workspace):
     assert json.loads((tuned / "config.json").read_text())["n_embd"] == 32
     assert (tuned / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
     assert_reloads_as_stored(tuned)
+
+
+@pytest.mark.slow  # two real processes
+def test_a_run_prints_its_own_lines_and_one_bar_and_minus_v_the_rest(trained, workspace):
+    """Fine-tuning a model directory on a jsonl file, as a terminal shows it: tunelab's lines
+    and one bar with the loss in its postfix; no line of the libraries' INFO chatter, Trainer's
+    dicts, their bars or MLflow's dataset-source warning, all of which train.log keeps. With
+    -v the libraries print as they would."""
+    _, first_run, _ = trained
+    rows = [{"prompt": f"{a:02d}+{b:02d}=", "completion": f"{a + b:03d}"}
+            for a in range(8) for b in range(8)]  # fmt: skip
+    train = workspace.root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = [o for o in TINY if not o.startswith(("model.", "data.", "training.progress_bar"))]
+    command = [*tiny, "model=hf", f"model.name_or_path={first_run / 'model'}",
+               "data=text_files", f"data.train={train}", "data.max_length=16",
+               "checkpoint=none"]  # fmt: skip
+
+    def run(*extra: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunelab", "train", *extra, *workspace.base(), *command],
+            cwd=workspace.root, env=env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    out = run()
+    assert "tunelab: run finished" in out and "loss=" in out, out[-3000:]
+    chatter = ("INFO mlflow", "{'loss'", "{'eval_loss'", "Map", "Loading weights",
+               "Downloading artifacts", "UserWarning", "Warning:")  # fmt: skip
+    said = [line for line in out.splitlines() if any(c in line for c in chatter)]
+    assert not said, said
+    (run_dir,) = workspace.run_dirs()
+    kept = (run_dir / "train.log").read_text()
+    assert "{'loss'" in kept and "system_metrics" in kept, kept[-2000:]
+    shutil.rmtree(run_dir)
+    loud = run("-v")
+    assert "{'loss'" in loud and "INFO mlflow" in loud, loud[-3000:]

@@ -9,12 +9,24 @@ answer without loading torch, transformers or mlflow.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab import config, distributed, errors, launch, locks, paths, preflight, runner, sweeps
+from tunelab import (
+    config,
+    console,
+    distributed,
+    errors,
+    launch,
+    locks,
+    paths,
+    preflight,
+    runner,
+    sweeps,
+)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -23,7 +35,9 @@ USAGE = """\
 usage: tunelab <command> [args]
 
 commands:
-  train [overrides]   train one run (Hydra: `-m` sweeps, `--cfg job`, `--help`, `-cd DIR`)
+  train [-v] [overrides]
+                      train one run (Hydra: `-m` sweeps, `--cfg job`, `--help`, `-cd DIR`);
+                      -v: the libraries' own output too (Trainer's dicts, MLflow's INFO lines)
   launch [torchrun options] train [overrides]
                       the same run in several processes (DDP): torchrun, a line per fault
   runs                recent runs: name, status, key metrics, duration, artifact
@@ -88,6 +102,9 @@ def _main(argv: list[str] | None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "train":
+        if "-v" in rest or "--verbose" in rest:  # the libraries' output, as they print it
+            os.environ[console.VERBOSE] = "1"
+            rest = [a for a in rest if a not in ("-v", "--verbose")]
         train(rest)
     elif command == "launch":
         launch.main(rest)
@@ -182,7 +199,8 @@ def train_job(cfg: DictConfig) -> float | dict[str, float] | None:
     failure is noted beside it, counted on the parent, and the other jobs go on."""
     distributed.from_slurm_tasks()
     distributed.quiet_replicas()
-    job = sweeps.current_job()
+    console.quiet_libraries()
+    job = sweeps.current_job(cfg.get("name"))
     try:
         preflight.require_valid(cfg)  # unless preflight checked it (not a sweeper's choice)
         result = runner.run(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab import (
     adapters,
     artifacts,
+    console,
     data,
     distributed,
+    reports,
     startpoint,
     sweeps,
     tasks,
@@ -180,6 +183,7 @@ def build_trainer(
         on_commit=tracker.checkpoint_hook(cfg.tracking.log_checkpoints),
         before_commit=tracker.flush_metrics,  # the steps a resume will not log again are stored
     )
+    console.replace_trainer_output(trainer, bool(cfg.training.progress_bar))
     tracking.log_processes(tracker, distributed.parameters(trainer.args))
     return trainer
 
@@ -202,6 +206,15 @@ def stop_callbacks(cfg: DictConfig, inputs: Inputs, trial: TrialRef | None) -> l
             )
         )
     return found
+
+
+def _report(trainer: Any, inputs: Inputs, labels: list[str] | None, tracker: Any) -> None:
+    """The run's pictures (the loss; a classifier's confusion matrix, per-class scores and
+    mistakes) logged under `report/`. Every rank takes part in the eval prediction."""
+    with tempfile.TemporaryDirectory(prefix="tunelab-report-") as tmp:
+        folder = Path(tmp) if distributed.is_main() else None
+        if reports.write(trainer, inputs, labels, folder) and folder is not None:
+            tracker.log_artifacts(folder, reports.FOLDER)
 
 
 def _early_stopping(trainer: CheckpointingTrainer) -> EarlyStopping | None:
@@ -294,4 +307,5 @@ def publish(
         tracker.set_tags({tracking.MODEL_URI_TAG: model_uri})
     if (run_dir / ".hydra").is_dir():
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+    _report(trainer, inputs, models.label_names(model.module), tracker)
     return Published(artifact, objective, final.get(objective), info.early_stopping, model_uri)

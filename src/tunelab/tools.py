@@ -16,10 +16,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tunelab import config, inference, sweeps, teamserver, tracking
+from tunelab import config, inference, metrics, sweeps, teamserver, tracking
 from tunelab.data import cache as data_cache
 from tunelab.errors import ModelRefused
-from tunelab.metrics import SUMMARY
 from tunelab.tracking.store import MODEL_TRAINING, resolve_uri, ui_hint
 
 
@@ -66,11 +65,12 @@ def runs(args: list[str]) -> None:
     def cell(v: object) -> str:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    header = ["run id", "name", "status", *SUMMARY]
-    header += ["duration", "model", "artifact"]
+    shown = metrics.columns([r["task"] for r in rows], [r["objective"] for r in rows])
+    header = ["run id", "name", "status", *shown, "duration", "model", "artifact"]
     table = [
-        [r["run_id"][:12], _cut(r["name"], 40), r["status"], *(cell(r[m]) for m in SUMMARY),
-         f"{r['duration_s']:.0f}s", r["model"] or "-", r["artifact"]]
+        [r["run_id"][:12], _cut(r["name"], 40), r["status"],
+         *(cell(r["metrics"].get(m)) for m in shown), f"{r['duration_s']:.0f}s",
+         r["model"] or "-", r["artifact"]]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
@@ -188,6 +188,16 @@ def ui(args: list[str]) -> None:
 _QUIET = "ignore::DeprecationWarning,ignore:starlette"
 
 
+def _group_alive(proc: subprocess.Popen) -> bool:
+    """Whether any process of `proc`'s session is left (its exited leader reaped meanwhile)."""
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _serve_until_stopped(cmd: list[str], env: dict[str, str], what: str) -> None:
     """Run a server in a session of its own until it exits, or until Ctrl-C or SIGTERM here:
     then it gets one SIGTERM (its own clean shutdown; a terminal's Ctrl-C would otherwise reach
@@ -203,12 +213,13 @@ def _serve_until_stopped(cmd: list[str], env: dict[str, str], what: str) -> None
     except KeyboardInterrupt:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 3
+        while _group_alive(proc) and time.monotonic() < deadline:  # its workers, too
+            time.sleep(0.05)
+        if _group_alive(proc):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
         print(f"tunelab: {what} stopped", flush=True)
         return
     if code:
