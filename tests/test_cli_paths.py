@@ -114,6 +114,11 @@ def test_a_classifier_trains_through_the_cli_and_answers_by_run_id(workspace):
     assert all(w["true"] != w["predicted"] and "film" in w["text"] for w in wrong), wrong
     accuracy = (total - len(wrong)) / total
     assert accuracy == pytest.approx(run.data.metrics["eval_accuracy"], abs=1e-6)
+    # Registered, it answers by its alias as by its run id.
+    run_cli("register", run.info.run_id, "films", "--uri", workspace.uri, cwd=workspace.root)
+    by_alias = run_cli("predict", "models:/films@champion", "good film", "bad film", "--uri",
+                       workspace.uri, cwd=workspace.root).stdout.strip().splitlines()  # fmt: skip
+    assert by_alias == out
 
 
 @pytest.mark.slow  # a real MLflow server process
