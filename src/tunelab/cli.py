@@ -229,6 +229,7 @@ def train_job(cfg: DictConfig) -> float | dict[str, float] | None:
                 print(line, file=sys.stderr)
         raise SystemExit(code) from None
     finally:
+        console.job_ended()
         sweeps.job_released(job)
     if not result.already_finished and distributed.is_main():
         print(result.summary())

@@ -72,14 +72,22 @@ def quiet_libraries() -> None:
     for handler in mlflow_log.handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
-    for handler in _lent:  # an earlier job's log file (a process may run several)
-        mlflow_log.removeHandler(handler)
+    job_ended()  # an earlier job's log file, if it was not taken back
     _lent[:] = files
     for handler in files:
         mlflow_log.addHandler(handler)
 
 
 _lent: list[logging.Handler] = []  # the run's log file handlers lent to MLflow's logger
+
+
+def job_ended() -> None:
+    """Take back the job's log file from MLflow's logger: the next job logs elsewhere, and this
+    one's directory may be removed (a run refused before it started)."""
+    mlflow_log = logging.getLogger("mlflow")
+    for handler in _lent:
+        mlflow_log.removeHandler(handler)
+    _lent.clear()
 
 
 def progress_callback(enabled: bool) -> Any:
