@@ -137,6 +137,11 @@ def test_a_bad_data_file_stops_before_an_mlflow_run_exists(tmp_path):
     assert "Traceback" not in result.stderr
     assert f"tunelab: config error: data.train: {path} line 2: not valid JSON" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+    # The same process goes on as if nothing had happened (the refused run's removed directory
+    # held the log file MLflow's logger had been lent): MLflow logs as it makes a new store.
+    from mlflow import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").search_experiments()
 
 
 def test_configs_and_code_in_a_model_directory_are_data_never_run(trained, tmp_path, empty_store):
