@@ -19,6 +19,7 @@ from pathlib import Path
 from tunelab import config, inference, metrics, sweeps, teamserver, tracking
 from tunelab.data import cache as data_cache
 from tunelab.errors import ModelRefused
+from tunelab.teamserver.processes import stop_group
 from tunelab.tracking.store import MODEL_TRAINING, resolve_uri, ui_hint
 
 
@@ -188,16 +189,6 @@ def ui(args: list[str]) -> None:
 _QUIET = "ignore::DeprecationWarning,ignore:starlette"
 
 
-def _group_alive(proc: subprocess.Popen) -> bool:
-    """Whether any process of `proc`'s session is left (its exited leader reaped meanwhile)."""
-    proc.poll()
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _serve_until_stopped(cmd: list[str], env: dict[str, str], what: str) -> None:
     """Run a server in a session of its own until it exits, or until Ctrl-C or SIGTERM here:
     then it gets one SIGTERM (its own clean shutdown; a terminal's Ctrl-C would otherwise reach
@@ -211,14 +202,7 @@ def _serve_until_stopped(cmd: list[str], env: dict[str, str], what: str) -> None
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        while _group_alive(proc) and time.monotonic() < deadline:  # its workers, too
-            time.sleep(0.05)
-        if _group_alive(proc):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc.pid, grace=3)  # its workers, too
         proc.wait()
         print(f"tunelab: {what} stopped", flush=True)
         return
