@@ -63,9 +63,7 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     root = logging.getLogger()
     files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
-    for handler in root.handlers:
-        if not isinstance(handler, logging.FileHandler) and _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
+    _filter_console()
     # MLflow's loggers print through their own handler (not the root's): WARNING and up on the
     # console, everything in the run's log file.
     mlflow_log = logging.getLogger("mlflow")
@@ -76,6 +74,13 @@ def quiet_libraries() -> None:
     _lent[:] = files
     for handler in files:
         mlflow_log.addHandler(handler)
+
+
+def _filter_console() -> None:
+    """The root logger's console handlers pass only tunelab's lines and warnings."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) and _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
 
 
 _lent: list[logging.Handler] = []  # the run's log file handlers lent to MLflow's logger
@@ -112,9 +117,7 @@ def progress_callback(enabled: bool) -> Any:
 
             self.redirect = logging_redirect_tqdm()
             self.redirect.__enter__()
-            for handler in logging.getLogger().handlers:  # the redirect's handler: filtered too
-                if not isinstance(handler, logging.FileHandler) and _FILTER not in handler.filters:
-                    handler.addFilter(_FILTER)
+            _filter_console()  # the redirect's handler too
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train",
                             dynamic_ncols=True, leave=True)  # fmt: skip
 
